@@ -1,0 +1,143 @@
+"""MoeConfig: every knob of the MoE layer in one validated dataclass."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+from moejax.sharding import DEFAULT_RULES, Rules
+
+ROUTERS = ("top_k", "expert_choice", "noisy_top_k")
+POLICIES = ("all", "random", "sampling")
+WEIGHT_NORMS = ("none", "topk", "kept")
+BACKENDS = ("gather", "einsum", "ragged")
+ACTIVATIONS = ("relu", "gelu", "gelu_exact", "silu", "gated-gelu", "gated-gelu_exact", "swiglu")
+
+
+@dataclasses.dataclass(frozen=True)
+class MoeConfig:
+    """Configuration of :class:`moejax.moe.MoeLayer`.
+
+    Routing
+      router: ``"top_k"`` (tokens choose k experts: k=1 Switch, k=2 GShard / Mixtral),
+        ``"expert_choice"`` (each expert takes its top-C tokens; **not causal**: a token's routing
+        depends on later tokens of its group, so do not use it in autoregressive decoders), or
+        ``"noisy_top_k"`` (Shazeer et al. 2017: learned softplus noise on the logits in training,
+        softmax over the top-k noisy logits).
+      top_k: experts per token (for expert choice: the average number of experts per token, which
+        sets the capacity).
+      second_expert_policy: for top_k == 2: ``"all"`` (always keep the 2nd expert), ``"random"``
+        (GShard: keep it iff ``2 * p2 > U(0,1)``), ``"sampling"`` (2nd expert = argmax of
+        logits + Gumbel noise, first expert excluded). Random policies act only in training.
+      weight_norm: combine weights are ``"none"``: the raw softmax probabilities (Switch/T5X);
+        ``"topk"``: renormalised over the k selected experts before capacity (Mixtral);
+        ``"kept"``: renormalised over the choices that survive policy and capacity (GShard/fairseq).
+      jitter_eps: multiplicative router-input jitter ``U[1-eps, 1+eps]`` in training only.
+      batch_prioritized: fill capacity in order of descending top-1 probability instead of token
+        order (BPR, Riquelme et al.); leave off for decoders.
+
+    Capacity (see :func:`moejax.moe.capacity.expert_capacity`)
+      capacity_factor_train / capacity_factor_eval: chosen by the explicit ``deterministic`` flag.
+      min_capacity: lower bound on C.
+      dropless: no capacity limit (every routed token is processed).
+      max_group_size: tokens are regrouped into groups of at most this many tokens.
+      group_multiple: the number of groups is made a multiple of this (set it to the number of batch
+        shards so the group axis can be sharded).
+
+    Experts
+      d_model, d_ff, activation, use_bias, expert_dropout (dropout on the expert hidden layer in
+      training), num_shared_experts / shared_d_ff (always-on dense experts added to the output),
+      inner (an :class:`MoeConfig` making every expert itself an MoE layer: hierarchical MoE).
+
+    Numerics and layout
+      dtype: compute dtype of the experts; param_dtype: parameter dtype. The router always computes
+      in float32. backend: ``"gather"`` (default), ``"einsum"`` or ``"ragged"``. axis_rules: the
+      logical -> mesh axis table for activation constraints.
+    """
+
+    num_experts: int = 8
+    d_model: int = 64
+    d_ff: int = 128
+    top_k: int = 1
+    router: str = "top_k"
+    second_expert_policy: str = "all"
+    weight_norm: str = "none"
+    router_bias: bool = False
+    router_init_std: float = 0.02
+    jitter_eps: float = 0.0
+    batch_prioritized: bool = False
+    capacity_factor_train: float = 1.25
+    capacity_factor_eval: float = 2.0
+    min_capacity: int = 4
+    dropless: bool = False
+    max_group_size: int = 4096
+    group_multiple: int = 1
+    activation: str = "relu"
+    use_bias: bool = False
+    expert_dropout: float = 0.0
+    num_shared_experts: int = 0
+    shared_d_ff: int | None = None
+    inner: "MoeConfig | None" = None
+    backend: str = "gather"
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    axis_rules: Rules = DEFAULT_RULES
+
+    def replace(self, **kw) -> "MoeConfig":
+        return dataclasses.replace(self, **kw)
+
+    def validate(self) -> "MoeConfig":
+        """Fail fast with a clear message naming the offending value."""
+
+        def choice(name, value, valid):
+            if value not in valid:
+                raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
+
+        choice("router", self.router, ROUTERS)
+        choice("second_expert_policy", self.second_expert_policy, POLICIES)
+        choice("weight_norm", self.weight_norm, WEIGHT_NORMS)
+        choice("backend", self.backend, BACKENDS)
+        choice("activation", self.activation, ACTIVATIONS)
+        if self.num_experts < 1:
+            raise ValueError(f"num_experts must be >= 1, got {self.num_experts}")
+        if self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if self.top_k > self.num_experts:
+            raise ValueError(
+                f"top_k={self.top_k} > num_experts={self.num_experts}; top_k must be in "
+                f"[1, {self.num_experts}]"
+            )
+        if self.second_expert_policy != "all" and not (self.router == "top_k" and self.top_k == 2):
+            raise ValueError(
+                f"second_expert_policy={self.second_expert_policy!r} needs router='top_k' with "
+                f"top_k=2 (got router={self.router!r}, top_k={self.top_k}); use 'all' otherwise"
+            )
+        for name in ("capacity_factor_train", "capacity_factor_eval"):
+            v = getattr(self, name)
+            if not v > 0:
+                raise ValueError(f"{name} must be > 0, got {v}")
+        if self.min_capacity < 0:
+            raise ValueError(f"min_capacity must be >= 0, got {self.min_capacity}")
+        if self.max_group_size < 1:
+            raise ValueError(f"max_group_size must be >= 1, got {self.max_group_size}")
+        if self.group_multiple < 1:
+            raise ValueError(f"group_multiple must be >= 1, got {self.group_multiple}")
+        if not 0.0 <= self.expert_dropout < 1.0:
+            raise ValueError(f"expert_dropout must be in [0, 1), got {self.expert_dropout}")
+        if not 0.0 <= self.jitter_eps < 1.0:
+            raise ValueError(f"jitter_eps must be in [0, 1), got {self.jitter_eps}")
+        if self.num_shared_experts < 0:
+            raise ValueError(f"num_shared_experts must be >= 0, got {self.num_shared_experts}")
+        if self.d_model < 1 or self.d_ff < 1:
+            raise ValueError(f"d_model and d_ff must be >= 1, got {self.d_model}, {self.d_ff}")
+        if self.router == "expert_choice" and self.dropless:
+            raise ValueError("router='expert_choice' has a fixed capacity by design; dropless=True is invalid")
+        if self.inner is not None:
+            self.inner.validate()
+            if self.inner.d_model != self.d_model:
+                raise ValueError(
+                    f"inner MoE d_model={self.inner.d_model} must equal the outer d_model={self.d_model}"
+                )
+        return self

@@ -1,0 +1,142 @@
+"""Expert FFNs stacked on a leading expert axis (ReLU, GeLU, gated GeLU, SwiGLU; optional bias).
+
+Letters: ``e`` experts, ``n`` tokens in an expert's buffer, ``m`` sorted rows (ragged),
+``d`` d_model, ``f`` d_ff.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+_ACT = {
+    "relu": jax.nn.relu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_exact": lambda x: jax.nn.gelu(x, approximate=False),
+    "silu": jax.nn.silu,
+}
+# gated activation name -> activation applied to the gate projection
+_GATED = {"gated-gelu": "gelu", "gated-gelu_exact": "gelu_exact", "swiglu": "silu"}
+
+
+def activation_fn(name: str):
+    """(activation function, gated?) for an activation name; ValueError lists valid names."""
+    if name in _GATED:
+        return _ACT[_GATED[name]], True
+    if name in _ACT:
+        return _ACT[name], False
+    raise ValueError(f"unknown activation {name!r}; valid: {', '.join(list(_ACT) + list(_GATED))}")
+
+
+def _kernel(rngs, shape, dtype, axes):
+    # Fan-in of each expert's own matrix (axis -2), not of the stacked tensor.
+    init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1,
+                                             batch_axis=(0,))
+    return nnx.Param(init(rngs.params(), shape, dtype), logical_axes=axes)
+
+
+class Experts(nnx.Module):
+    """``E`` independent FFNs ``wo(act(x wi))`` (or ``wo(act(x wi_0) * x wi_1)`` when gated).
+
+    Params: ``wi`` / ``wi_0``, ``wi_1`` ``[e, d, f]`` (logical ``(expert_axis, 'embed', 'mlp')``),
+    ``wo [e, f, d]``, optional biases ``bi [e, f]``, ``bo [e, d]``.
+    """
+
+    def __init__(self, num_experts: int, d_model: int, d_ff: int, *, activation: str = "relu",
+                 use_bias: bool = False, dropout: float = 0.0, dtype=jnp.float32,
+                 param_dtype=jnp.float32, expert_axis: str = "expert", rngs: nnx.Rngs):
+        self.act, self.gated = activation_fn(activation)
+        self.num_experts, self.dtype = num_experts, dtype
+        ea = expert_axis
+        up_axes, down_axes = (ea, "embed", "mlp"), (ea, "mlp", "embed")
+        if self.gated:
+            self.wi_0 = _kernel(rngs, (num_experts, d_model, d_ff), param_dtype, up_axes)
+            self.wi_1 = _kernel(rngs, (num_experts, d_model, d_ff), param_dtype, up_axes)
+        else:
+            self.wi = _kernel(rngs, (num_experts, d_model, d_ff), param_dtype, up_axes)
+        self.wo = _kernel(rngs, (num_experts, d_ff, d_model), param_dtype, down_axes)
+        if use_bias:
+            self.bi = nnx.Param(jnp.zeros((num_experts, d_ff), param_dtype), logical_axes=(ea, "mlp"))
+            if self.gated:
+                self.bi_1 = nnx.Param(jnp.zeros((num_experts, d_ff), param_dtype), logical_axes=(ea, "mlp"))
+            self.bo = nnx.Param(jnp.zeros((num_experts, d_model), param_dtype), logical_axes=(ea, "embed"))
+        self.use_bias = use_bias
+        self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else None
+
+    def _p(self, name):
+        return getattr(self, name)[...].astype(self.dtype)
+
+    def _hidden(self, up, up_gate, deterministic, rngs):
+        """up: x@wi (or x@wi_0), up_gate: x@wi_1 (gated only) -> hidden activations."""
+        h = self.act(up) * up_gate if self.gated else self.act(up)
+        if self.dropout is not None:
+            h = self.dropout(h, deterministic=deterministic, rngs=rngs)
+        return h
+
+    def __call__(self, x: jax.Array, *, deterministic: bool = True, rngs: nnx.Rngs | None = None,
+                 slot_mask: jax.Array | None = None) -> jax.Array:
+        """Buffer form: ``x [e, ..., d]`` (expert ``i`` applied to ``x[i]``) -> ``[e, ..., d]``.
+
+        ``slot_mask`` is accepted for interface parity with hierarchical experts and unused.
+        """
+        e = x.shape[0]
+        lead = x.shape[1:-1]
+        x2 = x.reshape(e, -1, x.shape[-1]).astype(self.dtype)
+        if self.gated:
+            up = jnp.einsum("end,edf->enf", x2, self._p("wi_0"))
+            gate = jnp.einsum("end,edf->enf", x2, self._p("wi_1"))
+            if self.use_bias:
+                up = up + self._p("bi")[:, None]
+                gate = gate + self._p("bi_1")[:, None]
+        else:
+            up = jnp.einsum("end,edf->enf", x2, self._p("wi"))
+            gate = None
+            if self.use_bias:
+                up = up + self._p("bi")[:, None]
+        h = self._hidden(up, gate, deterministic, rngs)
+        y = jnp.einsum("enf,efd->end", h, self._p("wo"))
+        if self.use_bias:
+            y = y + self._p("bo")[:, None]
+        return y.reshape(e, *lead, y.shape[-1])
+
+    def ragged(self, x: jax.Array, group_sizes: jax.Array, *, deterministic: bool = True,
+               rngs: nnx.Rngs | None = None) -> jax.Array:
+        """Grouped-matmul form: ``x [m, d]`` sorted by expert, ``group_sizes [e]`` -> ``[m, d]``.
+
+        Rows past ``sum(group_sizes)`` come out as zeros. Uses ``jax.lax.ragged_dot``.
+        """
+        x = x.astype(self.dtype)
+        rows = jnp.arange(x.shape[0])
+        if self.use_bias:
+            expert_of_row = jnp.searchsorted(jnp.cumsum(group_sizes), rows, side="right")
+            valid = (rows < jnp.sum(group_sizes))[:, None]
+            expert_of_row = jnp.minimum(expert_of_row, self.num_experts - 1)
+        if self.gated:
+            up = jax.lax.ragged_dot(x, self._p("wi_0"), group_sizes)
+            gate = jax.lax.ragged_dot(x, self._p("wi_1"), group_sizes)
+            if self.use_bias:
+                up = up + self._p("bi")[expert_of_row] * valid
+                gate = gate + self._p("bi_1")[expert_of_row] * valid
+        else:
+            up = jax.lax.ragged_dot(x, self._p("wi"), group_sizes)
+            gate = None
+            if self.use_bias:
+                up = up + self._p("bi")[expert_of_row] * valid
+        h = self._hidden(up, gate, deterministic, rngs)
+        y = jax.lax.ragged_dot(h, self._p("wo"), group_sizes)
+        if self.use_bias:
+            y = y + self._p("bo")[expert_of_row] * valid
+        return y
+
+
+class DenseFFN(nnx.Module):
+    """One always-on FFN ``[..., d] -> [..., d]`` (shared experts; same variants as Experts)."""
+
+    def __init__(self, d_model: int, d_ff: int, *, activation: str = "relu", use_bias: bool = False,
+                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.inner = Experts(1, d_model, d_ff, activation=activation, use_bias=use_bias, dtype=dtype,
+                             param_dtype=param_dtype, expert_axis="unmodeled", rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.inner(x[None])[0]

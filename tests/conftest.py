@@ -1,0 +1,41 @@
+"""Test setup: 8 emulated CPU devices (set before jax is imported) and mesh fixtures."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+from moejax.sharding import make_mesh  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+MESH_SHAPES = {
+    "data8": {"data": 8},
+    "data2_expert4": {"data": 2, "expert": 4},
+    "expert8": {"data": 1, "expert": 8},
+    "data2_expert2_model2": {"data": 2, "expert": 2, "model": 2},
+}
+
+
+@pytest.fixture(scope="session")
+def devices():
+    devs = jax.devices()
+    assert len(devs) == 8, f"expected 8 emulated CPU devices, got {len(devs)}"
+    return devs
+
+
+@pytest.fixture(params=sorted(MESH_SHAPES))
+def mesh(request, devices):
+    """Each of the four standard test meshes in turn."""
+    return make_mesh(MESH_SHAPES[request.param], devices)
+
+
+@pytest.fixture
+def make_test_mesh(devices):
+    """Factory: ``make_test_mesh({'data': 2, 'expert': 4})``."""
+    return lambda shape: make_mesh(shape, devices)
