@@ -59,7 +59,8 @@ def _stack_inner(cfg: MoeConfig, n: int, rngs: nnx.Rngs) -> "MoeLayer":
     @nnx.split_rngs(splits=n)
     @nnx.vmap(in_axes=(0,), out_axes=0)
     def make(r):
-        return MoeLayer(cfg, rngs=r)
+        # Each inner layer owns its RNG state (stacked with it), seeded from its split params key.
+        return MoeLayer(cfg, rngs=nnx.Rngs(r.params()))
 
     stacked = make(rngs)
     for _, var in nnx.iter_graph(stacked):
@@ -107,11 +108,12 @@ class MoeLayer(nnx.Module):
             self.experts = Experts(cfg.num_experts, cfg.d_model, cfg.d_ff, activation=cfg.activation,
                                    use_bias=cfg.use_bias, dropout=cfg.expert_dropout, dtype=cfg.dtype,
                                    param_dtype=cfg.param_dtype, rngs=rngs)
-        self.shared = None
-        if cfg.num_shared_experts:
-            self.shared = DenseFFN(cfg.d_model, (cfg.shared_d_ff or cfg.d_ff) * cfg.num_shared_experts,
-                                   activation=cfg.activation, use_bias=cfg.use_bias, dtype=cfg.dtype,
-                                   param_dtype=cfg.param_dtype, rngs=rngs)
+        self.shared = (
+            DenseFFN(cfg.d_model, (cfg.shared_d_ff or cfg.d_ff) * cfg.num_shared_experts,
+                     activation=cfg.activation, use_bias=cfg.use_bias, dtype=cfg.dtype,
+                     param_dtype=cfg.param_dtype, rngs=rngs)
+            if cfg.num_shared_experts else None
+        )
         self.rngs = rngs
 
     # ------------------------------------------------------------------ helpers
@@ -162,11 +164,19 @@ class MoeLayer(nnx.Module):
         cfg = self.cfg
         if cfg.inner is not None:
             def run(buf, slot_mask):
-                # buf [e, g, c, d]: each outer expert routes its buffer as a batch of g rows of c slots.
-                @nnx.vmap(in_axes=(0, 0, 0), out_axes=0)
-                def apply(layer, xb, mb):
-                    return layer(xb, padding_mask=mb, deterministic=deterministic)
-                return apply(self.experts, buf, slot_mask)
+                # buf [e, g, c, d]: each outer expert routes its buffer as a batch of g rows of c
+                # slots (empty slots are padding). Functional vmap over the stacked inner state.
+                graphdef, state = nnx.split(self.experts)
+
+                def one(st, xb, mb):
+                    inner_layer = nnx.merge(graphdef, st)
+                    out, stats = inner_layer(xb, padding_mask=mb, deterministic=deterministic)
+                    return out, stats, nnx.state(inner_layer, nnx.RngState)
+
+                out, stats, new_rng = jax.vmap(one)(state, buf, slot_mask)
+                if not deterministic:  # persist the inner layers' advanced RNG counters
+                    nnx.update(self.experts, new_rng)
+                return out, stats
             return run
 
         def run(buf, slot_mask=None):
