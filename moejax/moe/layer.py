@@ -16,7 +16,7 @@ from moejax.moe.config import MoeConfig
 from moejax.moe.dispatch import BACKENDS
 from moejax.moe.experts import DenseFFN, Experts
 from moejax.moe.routing import Router, RoutingPlan, expert_choice_route, top_k_route
-from moejax.sharding import constrain
+from moejax.sharding import constrain, current_mesh_axis_size
 
 
 @struct.dataclass
@@ -199,6 +199,12 @@ class MoeLayer(nnx.Module):
             padding_mask = jnp.ones((b, s), bool)
         elif padding_mask.shape != (b, s):
             raise ValueError(f"padding_mask shape {padding_mask.shape} must equal x's [batch, length] = {(b, s)}")
+        ep = current_mesh_axis_size("expert")
+        if cfg.num_experts % ep:
+            raise ValueError(
+                f"num_experts={cfg.num_experts} is not divisible by the expert mesh axis of size {ep}; "
+                f"use a multiple of {ep} experts or a mesh with an expert axis dividing {cfg.num_experts}"
+            )
         n = b * s
         g = num_groups(n, cfg.max_group_size, cfg.group_multiple)
         t = n // g
@@ -260,7 +266,7 @@ class MoeLayer(nnx.Module):
             num_dropped = tokens_dropped
             drop_cnt = jnp.zeros((seq_len,), jnp.float32).at[pos.reshape(-1)].add(tok_dropped.reshape(-1))
             rout_cnt = jnp.zeros((seq_len,), jnp.float32).at[pos.reshape(-1)].add(mask.reshape(-1))
-        load = jnp.zeros((e,), jnp.float32).at[plan.expert.reshape(-1)].add(plan.kept.reshape(-1))
+        load = jnp.sum(jax.nn.one_hot(plan.expert, e, dtype=jnp.float32) * plan.kept[..., None], axis=(0, 1))
         load = load / jnp.maximum(jnp.sum(load), 1.0)
         m = mask.astype(jnp.float32)
         ent = -jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-30)), axis=-1)
