@@ -18,6 +18,7 @@ which on an expert-parallel mesh compiles to an all-to-all over the ``expert`` a
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable
 
 import jax
@@ -96,24 +97,99 @@ def slot_tokens(plan: RoutingPlan, tokens: int) -> jax.Array:
         dest, plan.token)
 
 
+def _take_rows(x: jax.Array, idx: jax.Array) -> jax.Array:
+    """``x [g, n, d]``, ``idx [g, m]`` -> ``[g, m, d]`` (a batched row gather)."""
+    return jnp.take_along_axis(x, idx[..., None], axis=1)
+
+
+@jax.custom_vjp
+def _dispatch_rows(x, src, idx, kept):
+    """Fill the buffers: ``buf[g, s] = x[g, src[g, s]]`` (0 where ``src == t``, an empty slot).
+
+    ``x [g, t, d]``, ``src [g, e*c]``. ``idx`` / ``kept [g, k*t]`` are the inverse map
+    (token-major assignment -> slot) so that the backward pass is a gather, not a scatter-add.
+    """
+    g, t, d = x.shape
+    x_pad = jnp.concatenate([x, jnp.zeros((g, 1, d), x.dtype)], axis=1)
+    return _take_rows(x_pad, src)
+
+
+def _dispatch_fwd(x, src, idx, kept):
+    return _dispatch_rows(x, src, idx, kept), (src, idx, kept, x.shape)
+
+
+def _dispatch_bwd(res, dbuf):
+    src, idx, kept, (g, t, d) = res
+    k = idx.shape[1] // t
+    rows = _take_rows(dbuf, idx) * kept[..., None].astype(dbuf.dtype)  # [g, k*t, d]
+    return jnp.sum(rows.reshape(g, k, t, d), axis=1), None, None, None
+
+
+_dispatch_rows.defvjp(_dispatch_fwd, _dispatch_bwd)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _combine_rows(t, out, w, idx, src, slot_assign):
+    """``y[g, i] = sum_j w[g, j*t+i] * out[g, idx[g, j*t+i]]`` -> ``[g, t, d]``.
+
+    ``out [g, e*c, d]``; ``w`` / ``idx [g, k*t]`` (w = 0 where not kept). ``src [g, e*c]``
+    (slot -> token, ``t`` if empty) and ``slot_assign [g, e*c]`` (slot -> assignment) make the
+    backward pass a gather.
+    """
+    g, _, d = out.shape
+    rows = _take_rows(out, idx) * w[..., None].astype(out.dtype)
+    return jnp.sum(rows.reshape(g, idx.shape[1] // t, t, d), axis=1)
+
+
+def _combine_fwd(t, out, w, idx, src, slot_assign):
+    return _combine_rows(t, out, w, idx, src, slot_assign), (out, w, idx, src, slot_assign)
+
+
+def _combine_bwd(t, res, dy):
+    out, w, idx, src, slot_assign = res
+    g, _, d = out.shape
+    k = idx.shape[1] // t
+    dy_pad = jnp.concatenate([dy, jnp.zeros((g, 1, d), dy.dtype)], axis=1)
+    w_slot = jnp.where(src < t, jnp.take_along_axis(w, jnp.minimum(slot_assign, w.shape[1] - 1), axis=1), 0.0)
+    dout = _take_rows(dy_pad, src) * w_slot[..., None].astype(dy.dtype)  # [g, e*c, d]
+    dy_a = jnp.broadcast_to(dy[:, None], (g, k, t, d)).reshape(g, k * t, d)
+    dw = jnp.sum(_take_rows(out, idx) * dy_a, axis=-1).astype(w.dtype)
+    return dout, dw, None, None, None
+
+
+_combine_rows.defvjp(_combine_fwd, _combine_bwd)
+
+
+def slot_assignments(plan: RoutingPlan) -> jax.Array:
+    """``[g, e*c]`` int32: the (token-major) assignment held by each buffer slot (0 where empty)."""
+    e, c = plan.num_experts, plan.capacity
+    a = plan.token.shape[1]
+    dest = jnp.where(plan.kept, plan.expert * c + plan.slot, e * c)
+    return jax.vmap(lambda dd: jnp.zeros((e * c,), jnp.int32).at[dd].set(jnp.arange(a, dtype=jnp.int32),
+                                                                       mode="drop"))(dest)
+
+
 def gather_backend(x: jax.Array, plan: RoutingPlan, experts: ExpertFn, rules: Rules) -> jax.Array:
-    """``x [g, t, d]`` -> ``[g, t, d]`` via index gathers into ``[e, g, c, d]`` buffers."""
+    """``x [g, t, d]`` -> ``[g, t, d]`` via index gathers into ``[e, g, c, d]`` buffers.
+
+    Token-major plans use gathers in both directions, forward and backward (custom VJPs with
+    the slot <-> assignment maps); expert-major plans combine with a scatter-add.
+    """
     g, t, d = x.shape
     e, c = plan.num_experts, plan.capacity
     src = slot_tokens(plan, t)  # [g, e*c]
-    x_pad = jnp.concatenate([x, jnp.zeros((g, 1, d), x.dtype)], axis=1)
-    buf = jnp.take_along_axis(x_pad, src[..., None], axis=1).reshape(g, e, c, d)
     slot_mask = jnp.swapaxes((src < t).reshape(g, e, c), 0, 1)
-    out = _from_experts(experts(_to_experts(buf, rules), slot_mask=slot_mask), rules).reshape(g, e * c, d)
-    w = jnp.where(plan.kept, plan.weight, 0.0).astype(out.dtype)
+    w = jnp.where(plan.kept, plan.weight, 0.0)
     if plan.layout == "token_major":
-        k = plan.token.shape[1] // t
         idx = jnp.where(plan.kept, plan.expert * c + plan.slot, 0)
-        rows = jnp.take_along_axis(out, idx[..., None], axis=1) * w[..., None]  # [g, k*t, d]
-        return jnp.sum(rows.reshape(g, k, t, d), axis=1)
-    rows = out * w[..., None]
+        buf = _dispatch_rows(x, src, idx, plan.kept).reshape(g, e, c, d)
+        out = _from_experts(experts(_to_experts(buf, rules), slot_mask=slot_mask), rules).reshape(g, e * c, d)
+        return _combine_rows(t, out, w.astype(out.dtype), idx, src, slot_assignments(plan))
+    x_pad = jnp.concatenate([x, jnp.zeros((g, 1, d), x.dtype)], axis=1)
+    buf = _take_rows(x_pad, src).reshape(g, e, c, d)
+    out = _from_experts(experts(_to_experts(buf, rules), slot_mask=slot_mask), rules).reshape(g, e * c, d)
+    rows = out * w[..., None].astype(out.dtype)
     return jax.vmap(lambda r, tok: jnp.zeros((t, d), out.dtype).at[tok].add(r))(rows, plan.token)
-
 
 # ----------------------------------------------------------------------------- ragged
 
