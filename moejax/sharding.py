@@ -36,6 +36,7 @@ DEFAULT_RULES: Rules = (
     ("vocab", "model"),
     ("expert", "expert"),
     ("expert_inner", None),
+    ("layers", None),
     ("capacity", None),
     ("unmodeled", None),
 )
