@@ -1,0 +1,1 @@
+"""Hugging Face <-> moejax weight conversion (safetensors in and out; never unpickles)."""

@@ -1,0 +1,141 @@
+"""Decoder-only transformer (Llama dense, Mixtral, OpenMoE) with scanned layer periods.
+
+Letters: ``b`` batch, ``s`` sequence, ``d`` d_model, ``v`` vocab, ``l`` scanned periods.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from moejax.models.config import DecoderConfig
+from moejax.models.layers import Attention, Embed, Mlp, RMSNorm
+from moejax.moe import MoeLayer, MoeStats
+
+
+@struct.dataclass
+class DecoderAux:
+    """Per-call extras: ``moe`` holds each sparse block's :class:`MoeStats` stacked on a leading
+    ``[l]`` axis (None for dense models); the loss helpers sum over it."""
+
+    moe: MoeStats | None
+
+    def load_balancing_loss(self) -> jax.Array:
+        """Mean over the sparse layers (k at perfect balance, see MoeStats)."""
+        return jnp.zeros(()) if self.moe is None else jnp.mean(self.moe.load_balancing_loss)
+
+    def router_z_loss(self) -> jax.Array:
+        return jnp.zeros(()) if self.moe is None else jnp.mean(self.moe.router_z_loss)
+
+
+class DecoderBlock(nnx.Module):
+    """Pre-norm block: ``x += attn(norm(x))``; ``x += ffn(norm(x))`` (dense MLP or MoE), and for
+    OpenMoE ``x += mlp(norm_extra(x))`` after a MoE FFN."""
+
+    def __init__(self, cfg: DecoderConfig, sparse: bool, *, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
+        self.attn = Attention(cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, rope_theta=cfg.rope_theta,
+                              sliding_window=cfg.sliding_window, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                              rngs=rngs)
+        self.ffn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
+        self.sparse = sparse
+        self.ffn = MoeLayer(cfg.moe, rngs=rngs) if sparse else Mlp(
+            cfg.d_model, cfg.d_ff, activation=cfg.activation, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+        self.extra = nnx.List([
+            RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=cfg.param_dtype),
+            Mlp(cfg.d_model, cfg.d_ff, activation=cfg.activation, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                rngs=rngs),
+        ]) if sparse and cfg.moe_extra_mlp else None
+
+    def __call__(self, x, *, positions, padding_mask, deterministic):
+        x = x + self.attn(self.attn_norm(x), positions=positions, padding_mask=padding_mask).astype(x.dtype)
+        h = self.ffn_norm(x)
+        stats = None
+        if self.sparse:
+            y, stats = self.ffn(h, padding_mask=padding_mask, deterministic=deterministic)
+        else:
+            y = self.ffn(h)
+        x = x + y.astype(x.dtype)
+        if self.extra is not None:
+            x = x + self.extra[1](self.extra[0](x)).astype(x.dtype)
+        return x, stats
+
+
+class Period(nnx.Module):
+    """``moe_every`` consecutive blocks (the last one sparse when the model has MoE)."""
+
+    def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
+        self.blocks = nnx.List([DecoderBlock(cfg, cfg.is_sparse(j), rngs=rngs) for j in range(cfg.period)])
+
+    def __call__(self, x, *, positions, padding_mask, deterministic):
+        stats = None
+        for block in self.blocks:
+            x, s = block(x, positions=positions, padding_mask=padding_mask, deterministic=deterministic)
+            stats = s if s is not None else stats
+        return x, stats
+
+
+def stack_modules(factory, n: int, rngs: nnx.Rngs, axis_name: str = "layers"):
+    """``n`` copies of ``factory(rngs)`` with params stacked on a new leading ``axis_name`` axis.
+
+    Each copy owns RNG state seeded from its split ``params`` key (stacked with it).
+    """
+
+    @nnx.split_rngs(splits=n)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(r):
+        return factory(nnx.Rngs(r.params()))
+
+    stacked = make(rngs)
+    for _, var in nnx.iter_graph(stacked):
+        if isinstance(var, nnx.Variable):
+            axes = var.get_metadata().get("logical_axes")
+            if axes is not None:
+                var.set_metadata("logical_axes", (axis_name,) + tuple(axes))
+    return stacked
+
+
+class Decoder(nnx.Module):
+    """``logits, aux = model(ids, positions=None, padding_mask=None, deterministic=True)``.
+
+    ``ids [b, s]`` int32 -> ``logits [b, s, v]`` float32. Layer periods are applied with
+    ``jax.lax.scan`` over their stacked parameters.
+    """
+
+    def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
+        cfg.validate()
+        self.cfg = cfg
+        self.embed = Embed(cfg.vocab_size, cfg.d_model, param_dtype=cfg.param_dtype, rngs=rngs)
+        self.stack = stack_modules(lambda r: Period(cfg, rngs=r), cfg.num_layers // cfg.period, rngs)
+        self.norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
+        self.lm_head = None if cfg.tie_embeddings else nnx.Param(
+            nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")(
+                rngs.params(), (cfg.d_model, cfg.vocab_size), cfg.param_dtype),
+            logical_axes=("embed", "vocab"))
+
+    def __call__(self, ids: jax.Array, *, positions: jax.Array | None = None, padding_mask: jax.Array | None = None,
+                 deterministic: bool = True) -> tuple[jax.Array, DecoderAux]:
+        cfg = self.cfg
+        if ids.ndim != 2:
+            raise ValueError(f"Decoder expects token ids of rank 2 [batch, length]; got shape {ids.shape}")
+        b, s = ids.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+        x = self.embed(ids, cfg.dtype)
+        graphdef, state = nnx.split(self.stack)
+
+        def body(x, st):
+            period = nnx.merge(graphdef, st)
+            x, stats = period(x, positions=positions, padding_mask=padding_mask, deterministic=deterministic)
+            return x, (stats, nnx.state(period, nnx.RngState))
+
+        x, (stats, new_rng) = jax.lax.scan(body, x, state)
+        if not deterministic:
+            nnx.update(self.stack, new_rng)
+        x = self.norm(x)
+        if self.lm_head is None:
+            logits = self.embed.attend(x)
+        else:
+            logits = x @ self.lm_head[...].astype(x.dtype)
+        return logits.astype(jnp.float32), DecoderAux(moe=stats)

@@ -1,0 +1,159 @@
+"""Shared model pieces: RMSNorm, embeddings, rotary positions, GQA attention, dense MLP.
+
+Letters: ``b`` batch, ``s`` query length, ``t`` key length, ``d`` d_model, ``h`` heads,
+``k`` kv heads, ``x`` head dim, ``f`` d_ff, ``v`` vocab.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moejax.moe.experts import activation_fn
+
+
+def _param(rngs, init, shape, dtype, axes):
+    return nnx.Param(init(rngs.params(), shape, dtype), logical_axes=axes)
+
+
+class RMSNorm(nnx.Module):
+    """``x * rsqrt(mean(x^2) + eps) * scale``, variance in float32 (T5 / Llama / Mixtral)."""
+
+    def __init__(self, d: int, *, eps: float = 1e-6, param_dtype=jnp.float32):
+        self.scale = nnx.Param(jnp.ones((d,), param_dtype), logical_axes=("embed",))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """``x [..., d]`` -> same shape and dtype."""
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (y.astype(x.dtype) * self.scale[...].astype(x.dtype)).astype(x.dtype)
+
+
+class Embed(nnx.Module):
+    """Token embedding ``[v, d]`` (logical ``('vocab', 'embed')``); ``attend`` gives tied logits."""
+
+    def __init__(self, vocab: int, d: int, *, param_dtype=jnp.float32, init_std: float = 1.0, rngs: nnx.Rngs):
+        self.embedding = _param(rngs, nnx.initializers.normal(init_std), (vocab, d), param_dtype, ("vocab", "embed"))
+
+    def __call__(self, ids: jax.Array, dtype=jnp.float32) -> jax.Array:
+        """``ids [b, s]`` int -> ``[b, s, d]``."""
+        return jnp.take(self.embedding[...], ids, axis=0).astype(dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """``x [b, s, d]`` -> logits ``[b, s, v]``."""
+        return jnp.einsum("bsd,vd->bsv", x, self.embedding[...].astype(x.dtype))
+
+
+def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """cos, sin ``[b, s, x]`` for rotate-half RoPE (the HF Llama / Mixtral layout)."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [b, s, x/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """``x [b, s, h, x]``; ``x*cos + rotate_half(x)*sin``."""
+    half = x.shape[-1] // 2
+    rot = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return (x * cos[:, :, None, :] + rot * sin[:, :, None, :]).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    """Multi-head / grouped-query self-attention with RoPE, causal and padding masks.
+
+    Params: ``q [d, h, x]``, ``k``/``v [d, k, x]``, ``o [h, x, d]`` (logical
+    ``('embed', 'heads', 'kv')`` / ``('heads', 'kv', 'embed')``), optional biases. Scores are
+    scaled by ``x^-0.5`` and soft-maxed in float32.
+    """
+
+    def __init__(self, d: int, num_heads: int, num_kv_heads: int, head_dim: int, *, use_bias: bool = False,
+                 rope_theta: float | None = 10000.0, sliding_window: int | None = None, dtype=jnp.float32,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}")
+        init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=0, out_axis=(1, 2))
+        self.q = _param(rngs, init, (d, num_heads, head_dim), param_dtype, ("embed", "heads", "kv"))
+        self.k = _param(rngs, init, (d, num_kv_heads, head_dim), param_dtype, ("embed", "heads", "kv"))
+        self.v = _param(rngs, init, (d, num_kv_heads, head_dim), param_dtype, ("embed", "heads", "kv"))
+        oinit = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=(0, 1), out_axis=2)
+        self.o = _param(rngs, oinit, (num_heads, head_dim, d), param_dtype, ("heads", "kv", "embed"))
+        self.use_bias = use_bias
+        if use_bias:
+            z = nnx.initializers.zeros
+            self.q_bias = _param(rngs, z, (num_heads, head_dim), param_dtype, ("heads", "kv"))
+            self.k_bias = _param(rngs, z, (num_kv_heads, head_dim), param_dtype, ("heads", "kv"))
+            self.v_bias = _param(rngs, z, (num_kv_heads, head_dim), param_dtype, ("heads", "kv"))
+            self.o_bias = _param(rngs, z, (d,), param_dtype, ("embed",))
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.rope_theta, self.sliding_window, self.dtype = rope_theta, sliding_window, dtype
+
+    def __call__(self, x: jax.Array, *, positions: jax.Array, padding_mask: jax.Array | None = None,
+                 causal: bool = True) -> jax.Array:
+        """``x [b, s, d]``, ``positions [b, s]`` int, ``padding_mask [b, s]`` bool -> ``[b, s, d]``."""
+        dt = self.dtype
+        x = x.astype(dt)
+        q = jnp.einsum("bsd,dhx->bshx", x, self.q[...].astype(dt))
+        k = jnp.einsum("bsd,dkx->bskx", x, self.k[...].astype(dt))
+        v = jnp.einsum("bsd,dkx->bskx", x, self.v[...].astype(dt))
+        if self.use_bias:
+            q, k, v = q + self.q_bias[...].astype(dt), k + self.k_bias[...].astype(dt), v + self.v_bias[...].astype(dt)
+        if self.rope_theta is not None:
+            cos, sin = rope_tables(positions, self.head_dim, self.rope_theta)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        b, s = x.shape[:2]
+        groups = self.num_heads // self.num_kv_heads
+        q = q.reshape(b, s, self.num_kv_heads, groups, self.head_dim)
+        scores = jnp.einsum("bskgx,btkx->bkgst", q, k).astype(jnp.float32) * self.head_dim**-0.5
+        mask = jnp.ones((b, 1, 1, s, s), bool)
+        qpos, kpos = positions[:, :, None], positions[:, None, :]
+        if causal:
+            mask &= (kpos <= qpos)[:, None, None]
+        if self.sliding_window is not None:
+            mask &= (qpos - kpos < self.sliding_window)[:, None, None]
+        if padding_mask is not None:
+            mask &= padding_mask[:, None, None, None, :]
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+        out = jnp.einsum("bkgst,btkx->bskgx", probs, v).reshape(b, s, self.num_heads, self.head_dim)
+        y = jnp.einsum("bshx,hxd->bsd", out, self.o[...].astype(dt))
+        if self.use_bias:
+            y = y + self.o_bias[...].astype(dt)
+        return y
+
+
+class Mlp(nnx.Module):
+    """Dense FFN ``wo(act(x wi))`` or gated ``wo(act(x wi_0) * x wi_1)``; ``[..., d] -> [..., d]``."""
+
+    def __init__(self, d: int, f: int, *, activation: str = "swiglu", use_bias: bool = False, dtype=jnp.float32,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.act, self.gated = activation_fn(activation)
+        init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+        if self.gated:
+            self.wi_0 = _param(rngs, init, (d, f), param_dtype, ("embed", "mlp"))
+            self.wi_1 = _param(rngs, init, (d, f), param_dtype, ("embed", "mlp"))
+        else:
+            self.wi = _param(rngs, init, (d, f), param_dtype, ("embed", "mlp"))
+        self.wo = _param(rngs, init, (f, d), param_dtype, ("mlp", "embed"))
+        self.use_bias = use_bias
+        if use_bias:
+            self.bi = _param(rngs, nnx.initializers.zeros, (f,), param_dtype, ("mlp",))
+            self.bo = _param(rngs, nnx.initializers.zeros, (d,), param_dtype, ("embed",))
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dt = self.dtype
+        x = x.astype(dt)
+        if self.gated:
+            h = self.act(x @ self.wi_0[...].astype(dt)) * (x @ self.wi_1[...].astype(dt))
+        else:
+            pre = x @ self.wi[...].astype(dt)
+            if self.use_bias:
+                pre = pre + self.bi[...].astype(dt)
+            h = self.act(pre)
+        y = h @ self.wo[...].astype(dt)
+        if self.use_bias:
+            y = y + self.bo[...].astype(dt)
+        return y
