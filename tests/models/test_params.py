@@ -1,0 +1,66 @@
+"""Parameter accounting for every registered config against closed-form counts."""
+
+import pytest
+
+from moejax.main import main
+from moejax.models.params import report
+from moejax.models.registry import get_config, names
+
+
+def closed_form(cfg):
+    d, h, k, x, v = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size
+    attn = d * h * x * 2 + d * k * x * 2
+    norms = 2 * d
+    emb = v * d * (1 if cfg.tie_embeddings else 2)
+    total = emb + d
+    active = emb + d
+    for i in range(cfg.num_layers):
+        total += attn + norms
+        active += attn + norms
+        if cfg.is_sparse(i):
+            e, f, kk = cfg.moe.num_experts, cfg.moe.d_ff, cfg.moe.top_k
+            experts = e * 3 * d * f
+            total += experts + d * e
+            active += experts * kk / e + d * e
+        else:
+            total += 3 * d * cfg.d_ff
+            active += 3 * d * cfg.d_ff
+    return total, active
+
+
+@pytest.mark.parametrize("name", names())
+def test_counts_match_closed_form(name):
+    cfg = get_config(name)
+    rep = report(cfg)
+    total, active = closed_form(cfg)
+    assert rep.total == total
+    assert rep.active == pytest.approx(active, rel=1e-12)
+    assert sum(rep.by_component.values()) == rep.total
+
+
+@pytest.mark.parametrize("name,total,active", [
+    ("mixtral_8x7b", 46.70e9, 12.88e9),   # REFERENCE.md: 46.70B / 12.88B (published 47B / 13B)
+    ("mixtral_8x22b", 140.6e9, 39.2e9),   # published 141B / 39B
+    ("llama_7b", 6.74e9, 6.74e9),
+])
+def test_published_counts(name, total, active):
+    rep = report(get_config(name))
+    assert rep.total == pytest.approx(total, rel=2e-3)
+    assert rep.active == pytest.approx(active, rel=2e-3)
+
+
+def test_cli_params(capsys):
+    assert main(["params", "--model", "mixtral_8x7b", "--mesh", "data=64,expert=8,model=4"]) == 0
+    out = capsys.readouterr().out
+    assert "46,702,792,704" in out and "12,879,925,248" in out and "2048 devices" in out
+    assert main(["params", "--model", "nope"]) == 2
+    assert "registered models: " in capsys.readouterr().err
+
+
+def test_unknown_and_invalid_configs():
+    with pytest.raises(ValueError, match="unknown model 'gpt5'; registered models: .*mixtral_8x7b"):
+        get_config("gpt5")
+    with pytest.raises(ValueError, match="num_heads=32 is not a multiple of num_kv_heads=7"):
+        get_config("mixtral_8x7b", num_kv_heads=7)
+    with pytest.raises(ValueError, match="num_layers=3 is not a multiple of moe_every=2"):
+        get_config("mixtral_8x7b", num_layers=3, moe_every=2)
