@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from moejax.models.config import DecoderConfig
-from moejax.models.layers import Attention, Embed, Mlp, RMSNorm
+from moejax.models.layers import Attention, Embed, KVCache, Mlp, RMSNorm
 from moejax.moe import MoeLayer, MoeStats
 
 
@@ -48,8 +48,12 @@ class DecoderBlock(nnx.Module):
                 rngs=rngs),
         ]) if sparse and cfg.moe_extra_mlp else None
 
-    def __call__(self, x, *, positions, padding_mask, deterministic):
-        x = x + self.attn(self.attn_norm(x), positions=positions, padding_mask=padding_mask).astype(x.dtype)
+    def __call__(self, x, *, positions, padding_mask, deterministic, cache=None):
+        """Returns ``(x, moe_stats or None, new_cache or None)``."""
+        a = self.attn(self.attn_norm(x), positions=positions, padding_mask=padding_mask, cache=cache)
+        if cache is not None:
+            a, cache = a
+        x = x + a.astype(x.dtype)
         h = self.ffn_norm(x)
         stats = None
         if self.sparse:
@@ -59,7 +63,7 @@ class DecoderBlock(nnx.Module):
         x = x + y.astype(x.dtype)
         if self.extra is not None:
             x = x + self.extra[1](self.extra[0](x)).astype(x.dtype)
-        return x, stats
+        return x, stats, cache
 
 
 class Period(nnx.Module):
@@ -68,12 +72,16 @@ class Period(nnx.Module):
     def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
         self.blocks = nnx.List([DecoderBlock(cfg, cfg.is_sparse(j), rngs=rngs) for j in range(cfg.period)])
 
-    def __call__(self, x, *, positions, padding_mask, deterministic):
+    def __call__(self, x, *, positions, padding_mask, deterministic, caches=None):
+        """``caches``: a tuple with one KVCache per block (or None)."""
         stats = None
-        for block in self.blocks:
-            x, s = block(x, positions=positions, padding_mask=padding_mask, deterministic=deterministic)
+        new = []
+        for j, block in enumerate(self.blocks):
+            x, s, c = block(x, positions=positions, padding_mask=padding_mask, deterministic=deterministic,
+                            cache=None if caches is None else caches[j])
             stats = s if s is not None else stats
-        return x, stats
+            new.append(c)
+        return x, stats, (None if caches is None else tuple(new))
 
 
 def stack_modules(factory, n: int, rngs: nnx.Rngs, axis_name: str = "layers"):
@@ -116,21 +124,39 @@ class Decoder(nnx.Module):
 
     def __call__(self, ids: jax.Array, *, positions: jax.Array | None = None, padding_mask: jax.Array | None = None,
                  deterministic: bool = True) -> tuple[jax.Array, DecoderAux]:
+        """``ids [b, s]`` -> ``(logits [b, s, v] float32, DecoderAux)``."""
+        logits, aux, _ = self.apply_with_cache(ids, None, positions=positions, padding_mask=padding_mask,
+                                               deterministic=deterministic)
+        return logits, aux
+
+    def init_cache(self, batch: int, max_length: int) -> tuple:
+        """Empty KV caches, one per block of a period, each stacked on a leading ``[l]`` axis."""
+        cfg = self.cfg
+        n = cfg.num_layers // cfg.period
+        one = KVCache.zeros(batch, max_length, cfg.num_kv_heads, cfg.head_dim, cfg.dtype)
+        return tuple(jax.tree.map(lambda z: jnp.broadcast_to(z, (n,) + z.shape), one) for _ in range(cfg.period))
+
+    def apply_with_cache(self, ids, caches, *, positions=None, padding_mask=None, deterministic=True):
+        """Like ``__call__`` but reads / extends ``caches`` (from :meth:`init_cache`); returns
+        ``(logits, aux, new_caches)``. With a cache, ``positions`` default to the cache index."""
         cfg = self.cfg
         if ids.ndim != 2:
             raise ValueError(f"Decoder expects token ids of rank 2 [batch, length]; got shape {ids.shape}")
         b, s = ids.shape
         if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+            start = 0 if caches is None else caches[0].index[0]
+            positions = jnp.broadcast_to(start + jnp.arange(s, dtype=jnp.int32), (b, s))
         x = self.embed(ids, cfg.dtype)
         graphdef, state = nnx.split(self.stack)
 
-        def body(x, st):
+        def body(x, xs):
+            st, cache_l = xs
             period = nnx.merge(graphdef, st)
-            x, stats = period(x, positions=positions, padding_mask=padding_mask, deterministic=deterministic)
-            return x, (stats, nnx.state(period, nnx.RngState))
+            x, stats, cache_l = period(x, positions=positions, padding_mask=padding_mask, deterministic=deterministic,
+                                       caches=cache_l)
+            return x, (stats, cache_l, nnx.state(period, nnx.RngState))
 
-        x, (stats, new_rng) = jax.lax.scan(body, x, state)
+        x, (stats, caches, new_rng) = jax.lax.scan(body, x, (state, caches))
         if not deterministic:
             nnx.update(self.stack, new_rng)
         x = self.norm(x)
@@ -138,4 +164,4 @@ class Decoder(nnx.Module):
             logits = self.embed.attend(x)
         else:
             logits = x @ self.lm_head[...].astype(x.dtype)
-        return logits.astype(jnp.float32), DecoderAux(moe=stats)
+        return logits.astype(jnp.float32), DecoderAux(moe=stats), caches

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
 
 from moejax.moe.experts import activation_fn
 
@@ -91,8 +91,12 @@ class Attention(nnx.Module):
         self.rope_theta, self.sliding_window, self.dtype = rope_theta, sliding_window, dtype
 
     def __call__(self, x: jax.Array, *, positions: jax.Array, padding_mask: jax.Array | None = None,
-                 causal: bool = True) -> jax.Array:
-        """``x [b, s, d]``, ``positions [b, s]`` int, ``padding_mask [b, s]`` bool -> ``[b, s, d]``."""
+                 causal: bool = True, cache: "KVCache | None" = None):
+        """``x [b, s, d]``, ``positions [b, s]`` int, ``padding_mask [b, s]`` bool -> ``[b, s, d]``.
+
+        With ``cache`` (a :class:`KVCache` of length ``T``), the new keys / values are written at
+        ``cache.index`` and attention runs over the whole cache; returns ``(y, new_cache)``.
+        """
         dt = self.dtype
         x = x.astype(dt)
         q = jnp.einsum("bsd,dhx->bshx", x, self.q[...].astype(dt))
@@ -104,24 +108,57 @@ class Attention(nnx.Module):
             cos, sin = rope_tables(positions, self.head_dim, self.rope_theta)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         b, s = x.shape[:2]
+        key_valid = jnp.ones((b, s), bool) if padding_mask is None else padding_mask
+        kpos = positions
+        if cache is not None:
+            cache = cache.write(k, v, key_valid, positions)
+            k, v, key_valid, kpos = cache.k.astype(dt), cache.v.astype(dt), cache.valid, cache.pos
         groups = self.num_heads // self.num_kv_heads
         q = q.reshape(b, s, self.num_kv_heads, groups, self.head_dim)
         scores = jnp.einsum("bskgx,btkx->bkgst", q, k).astype(jnp.float32) * self.head_dim**-0.5
-        mask = jnp.ones((b, 1, 1, s, s), bool)
-        qpos, kpos = positions[:, :, None], positions[:, None, :]
+        qp, kp = positions[:, :, None], kpos[:, None, :]
+        mask = key_valid[:, None, :]
         if causal:
-            mask &= (kpos <= qpos)[:, None, None]
+            mask = mask & (kp <= qp)
         if self.sliding_window is not None:
-            mask &= (qpos - kpos < self.sliding_window)[:, None, None]
-        if padding_mask is not None:
-            mask &= padding_mask[:, None, None, None, :]
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+            mask = mask & (qp - kp < self.sliding_window)
+        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
         out = jnp.einsum("bkgst,btkx->bskgx", probs, v).reshape(b, s, self.num_heads, self.head_dim)
         y = jnp.einsum("bshx,hxd->bsd", out, self.o[...].astype(dt))
         if self.use_bias:
             y = y + self.o_bias[...].astype(dt)
-        return y
+        return y if cache is None else (y, cache)
+
+
+@struct.dataclass
+class KVCache:
+    """Static-shape key/value cache of one attention layer.
+
+    ``k``, ``v [b, T, k, x]``; ``valid [b, T]`` (slot holds a real token); ``pos [b, T]`` (its
+    position); ``index`` int32 scalar: the next slot to write.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    valid: jax.Array
+    pos: jax.Array
+    index: jax.Array
+
+    @classmethod
+    def zeros(cls, batch: int, length: int, kv_heads: int, head_dim: int, dtype=jnp.float32) -> "KVCache":
+        z = jnp.zeros((batch, length, kv_heads, head_dim), dtype)
+        return cls(k=z, v=z, valid=jnp.zeros((batch, length), bool), pos=jnp.zeros((batch, length), jnp.int32),
+                   index=jnp.zeros((), jnp.int32))
+
+    def write(self, k, v, valid, pos) -> "KVCache":
+        """Append ``s`` new entries (``k``/``v [b, s, k, x]``) at ``index``."""
+        i = self.index
+        upd = jax.lax.dynamic_update_slice
+        return KVCache(k=upd(self.k, k.astype(self.k.dtype), (0, i, 0, 0)),
+                       v=upd(self.v, v.astype(self.v.dtype), (0, i, 0, 0)),
+                       valid=upd(self.valid, valid, (0, i)), pos=upd(self.pos, pos.astype(jnp.int32), (0, i)),
+                       index=i + k.shape[1])
 
 
 class Mlp(nnx.Module):

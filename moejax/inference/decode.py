@@ -1,0 +1,83 @@
+"""KV-cached decoding for decoder-only models with static shapes under ``jit``, and scoring.
+
+Letters: ``b`` batch, ``p`` prompt length, ``n`` new tokens, ``v`` vocab.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def _sample(logits: jax.Array, rng: jax.Array, temperature: float, top_p: float) -> jax.Array:
+    """``logits [b, v]`` -> ``[b]`` int32: argmax when temperature == 0, else nucleus sampling."""
+    if temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / temperature
+    if top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+        cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+        # smallest set whose mass reaches top_p: keep sorted entries whose preceding mass < top_p
+        keep_sorted = (cum - jax.nn.softmax(sorted_logits, axis=-1)) < top_p
+        cutoff = jnp.min(jnp.where(keep_sorted, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits >= cutoff, logits, -jnp.inf)
+    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+def generate(model, prompt: jax.Array, max_new_tokens: int, *, temperature: float = 0.0, top_p: float = 1.0,
+             rng: jax.Array | None = None, prompt_mask: jax.Array | None = None) -> jax.Array:
+    """Decode ``max_new_tokens`` after ``prompt [b, p]`` -> ``[b, p + n]`` int32.
+
+    One jitted program: a prefill of the prompt into a static KV cache of length ``p + n``, then a
+    ``lax.scan`` of single-token steps. ``temperature == 0`` is greedy; otherwise temperature /
+    nucleus (``top_p``) sampling with ``rng``. ``prompt_mask [b, p]`` marks real prompt tokens
+    (left padding). MoE layers route each step's tokens as their own group, so capacity-limited
+    (non-dropless) models may drop differently than in a full-sequence pass.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1; got temperature={temperature}, top_p={top_p}")
+    if temperature > 0 and rng is None:
+        raise ValueError("sampling (temperature > 0) needs an rng key")
+    rng = jax.random.key(0) if rng is None else rng
+    b, p = prompt.shape
+    mask = jnp.ones((b, p), bool) if prompt_mask is None else prompt_mask.astype(bool)
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def run(state, prompt, mask, rng):
+        m = nnx.merge(graphdef, state)
+        caches = m.init_cache(b, p + max_new_tokens)
+        # positions count real tokens only, so left padding does not shift the rotary phases
+        pos = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
+        logits, _, caches = m.apply_with_cache(prompt, caches, positions=pos, padding_mask=mask)
+        rng, sub = jax.random.split(rng)
+        first = _sample(logits[:, -1], sub, temperature, top_p)
+        next_pos = pos[:, -1] + 1
+
+        def step(carry, _):
+            tok, caches, position, rng = carry
+            logits, _, caches = m.apply_with_cache(tok[:, None], caches, positions=position[:, None],
+                                                   padding_mask=jnp.ones((b, 1), bool))
+            rng, sub = jax.random.split(rng)
+            nxt = _sample(logits[:, -1], sub, temperature, top_p)
+            return (nxt, caches, position + 1, rng), tok
+
+        (last, _, _, _), toks = jax.lax.scan(step, (first, caches, next_pos, rng), None, length=max_new_tokens - 1)
+        new = jnp.concatenate([jnp.swapaxes(toks, 0, 1), last[:, None]], axis=1) if max_new_tokens > 1 else last[:, None]
+        return jnp.concatenate([prompt.astype(jnp.int32), new], axis=1)
+
+    return run(state, prompt, mask, rng)
+
+
+def score(model, inputs: jax.Array, targets: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """Log-likelihood of ``targets [b, s]`` given teacher-forced ``inputs [b, s]`` -> ``[b]``
+    (summed over positions where ``mask`` is True)."""
+    logits, _ = model(inputs)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    ll = jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    if mask is not None:
+        ll = ll * mask
+    return jnp.sum(ll, axis=-1)
