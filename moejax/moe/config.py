@@ -45,6 +45,10 @@ class MoeConfig:
       max_group_size: tokens are regrouped into groups of at most this many tokens.
       group_multiple: the number of groups is made a multiple of this (set it to the number of batch
         shards so the group axis can be sharded).
+      sequence_groups: each sequence is its own group (HF Switch / OpenMoE semantics), ignoring
+        max_group_size.
+      expert_capacity: a fixed C overriding the capacity-factor formula (HF Switch's
+        ``expert_capacity``, 64 on the Hub).
 
     Experts
       d_model, d_ff, activation, use_bias, expert_dropout (dropout on the expert hidden layer in
@@ -74,6 +78,8 @@ class MoeConfig:
     dropless: bool = False
     max_group_size: int = 4096
     group_multiple: int = 1
+    sequence_groups: bool = False
+    expert_capacity: int | None = None
     activation: str = "relu"
     use_bias: bool = False
     expert_dropout: float = 0.0
@@ -122,6 +128,8 @@ class MoeConfig:
             raise ValueError(f"min_capacity must be >= 0, got {self.min_capacity}")
         if self.max_group_size < 1:
             raise ValueError(f"max_group_size must be >= 1, got {self.max_group_size}")
+        if self.expert_capacity is not None and self.expert_capacity < 1:
+            raise ValueError(f"expert_capacity must be >= 1 or None, got {self.expert_capacity}")
         if self.group_multiple < 1:
             raise ValueError(f"group_multiple must be >= 1, got {self.group_multiple}")
         if not 0.0 <= self.expert_dropout < 1.0:

@@ -84,8 +84,9 @@ class MoeLayer(nnx.Module):
     ``nnx``'s ``model.train()`` / ``model.eval()``; default: training).
 
     Capacity per group: ``C = max(ceil(cf * k * t / E), min_capacity)`` with ``t`` the tokens
-    per group (``max_group_size`` at most) and ``cf`` the train or eval capacity factor; in
-    dropless mode ``C = t``. Tokens beyond capacity get an MoE output of 0 (the caller's residual
+    per group (``max_group_size`` at most, or one sequence with ``sequence_groups``) and ``cf`` the
+    train or eval capacity factor; a fixed ``expert_capacity`` overrides it; in dropless mode
+    ``C = t``. Tokens beyond capacity get an MoE output of 0 (the caller's residual
     carries them) and are counted in ``stats``.
 
     RNG streams (from the ``rngs`` given at construction, or per call): ``jitter`` (router
@@ -122,6 +123,8 @@ class MoeLayer(nnx.Module):
         cfg = self.cfg
         if cfg.dropless:
             return tokens_per_group
+        if cfg.expert_capacity is not None:
+            return cfg.expert_capacity
         cf = cfg.capacity_factor_eval if deterministic else cfg.capacity_factor_train
         return expert_capacity(tokens_per_group, cfg.num_experts, cf, cfg.top_k, cfg.min_capacity)
 
@@ -206,7 +209,7 @@ class MoeLayer(nnx.Module):
                 f"use a multiple of {ep} experts or a mesh with an expert axis dividing {cfg.num_experts}"
             )
         n = b * s
-        g = num_groups(n, cfg.max_group_size, cfg.group_multiple)
+        g = b if cfg.sequence_groups else num_groups(n, cfg.max_group_size, cfg.group_multiple)
         t = n // g
         xg = constrain(x.reshape(g, t, d), ("batch", None, "embed"), cfg.axis_rules)
         mask = padding_mask.astype(bool).reshape(g, t)

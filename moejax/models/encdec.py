@@ -1,0 +1,274 @@
+"""T5 v1.0-style encoder-decoder: T5 dense baseline and Switch Transformer (scanned periods).
+
+Pre-norm T5 RMSNorm, T5 relative position bias (computed once per stack from a single table and
+shared by every block, as in T5), unscaled dot-product attention, ReLU FFNs, tied embeddings with
+logits rescaled by ``d_model ** -0.5``. Letters: ``b`` batch, ``s`` decoder length, ``t`` encoder
+length, ``d`` d_model, ``h`` heads, ``x`` head dim, ``v`` vocab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from moejax.models.decoder import stack_modules
+from moejax.models.layers import Embed, Mlp, RMSNorm, _param
+from moejax.moe import MoeConfig, MoeLayer, MoeStats
+
+
+@dataclasses.dataclass(frozen=True)
+class EncDecConfig:
+    """Encoder-decoder config. With ``moe`` set, block ``i`` of the encoder (decoder) is sparse
+    when ``i % every == moe_offset % every`` with ``every = encoder_moe_every``
+    (``decoder_moe_every``). The default offset -1 gives ``(i + 1) % every == 0`` (Switch with
+    every=2: the odd blocks; NLLB with every=4: blocks 3, 7, ...); HF Switch checkpoints with a
+    sparse step > 2 use offset 1 (``i % step == 1``); every=1 makes all blocks sparse (switch-c)."""
+
+    vocab_size: int = 256
+    d_model: int = 64
+    num_encoder_layers: int = 2
+    num_decoder_layers: int = 2
+    num_heads: int = 4
+    head_dim: int = 16
+    d_ff: int = 128
+    activation: str = "relu"
+    norm_eps: float = 1e-6
+    relpos_buckets: int = 32
+    relpos_max_distance: int = 128
+    tie_embeddings: bool = True
+    moe: MoeConfig | None = None
+    encoder_moe_every: int = 2
+    decoder_moe_every: int = 2
+    moe_offset: int = -1
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def replace(self, **kw) -> "EncDecConfig":
+        return dataclasses.replace(self, **kw)
+
+    def period(self, decoder: bool) -> int:
+        if self.moe is None:
+            return 1
+        return self.decoder_moe_every if decoder else self.encoder_moe_every
+
+    def is_sparse(self, layer: int, decoder: bool) -> bool:
+        p = self.period(decoder)
+        return self.moe is not None and layer % p == self.moe_offset % p
+
+    def validate(self) -> "EncDecConfig":
+        for name in ("vocab_size", "d_model", "num_encoder_layers", "num_decoder_layers", "num_heads", "head_dim",
+                     "d_ff", "encoder_moe_every", "decoder_moe_every", "relpos_buckets"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for layers, dec in ((self.num_encoder_layers, False), (self.num_decoder_layers, True)):
+            if layers % self.period(dec):
+                which = "decoder" if dec else "encoder"
+                raise ValueError(f"num_{which}_layers={layers} is not a multiple of {which}_moe_every="
+                                 f"{self.period(dec)}")
+        if self.moe is not None:
+            self.moe.validate()
+            if self.moe.d_model != self.d_model:
+                raise ValueError(f"moe.d_model={self.moe.d_model} must equal d_model={self.d_model}")
+        return self
+
+
+def relative_position_bucket(rel: jax.Array, bidirectional: bool, num_buckets: int, max_distance: int) -> jax.Array:
+    """T5 bucketing of ``rel = key_pos - query_pos``: exact for small distances, log-spaced up to
+    ``max_distance``; bidirectional splits the buckets between the two directions."""
+    ret = jnp.zeros_like(rel)
+    if bidirectional:
+        num_buckets //= 2
+        ret = ret + (rel > 0).astype(rel.dtype) * num_buckets
+        n = jnp.abs(rel)
+    else:
+        n = -jnp.minimum(rel, 0)
+    max_exact = num_buckets // 2
+    is_small = n < max_exact
+    large = max_exact + (jnp.log(jnp.maximum(n, 1).astype(jnp.float32) / max_exact)
+                         / math.log(max_distance / max_exact) * (num_buckets - max_exact)).astype(rel.dtype)
+    large = jnp.minimum(large, num_buckets - 1)
+    return ret + jnp.where(is_small, n, large)
+
+
+class RelativeBias(nnx.Module):
+    """The T5 relative-position bias table ``[buckets, h]``; returns an additive ``[1, h, q, k]``."""
+
+    def __init__(self, buckets: int, heads: int, max_distance: int, bidirectional: bool, *, param_dtype, rngs):
+        self.embedding = _param(rngs, nnx.initializers.normal(1.0), (buckets, heads), param_dtype,
+                                ("unmodeled", "heads"))
+        self.buckets, self.max_distance, self.bidirectional = buckets, max_distance, bidirectional
+
+    def __call__(self, q_len: int, k_len: int) -> jax.Array:
+        rel = jnp.arange(k_len)[None, :] - jnp.arange(q_len)[:, None]
+        b = relative_position_bucket(rel, self.bidirectional, self.buckets, self.max_distance)
+        return jnp.transpose(self.embedding[...][b], (2, 0, 1))[None].astype(jnp.float32)
+
+
+class T5Attention(nnx.Module):
+    """Unscaled multi-head attention ``softmax(q k^T + bias) v`` (T5 folds the scale into init).
+
+    Params ``q``, ``k``, ``v [d, h, x]`` and ``o [h, x, d]``, no biases.
+    """
+
+    def __init__(self, d, heads, head_dim, *, dtype, param_dtype, rngs):
+        init = nnx.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=0, out_axis=(1, 2))
+        self.q = _param(rngs, init, (d, heads, head_dim), param_dtype, ("embed", "heads", "kv"))
+        self.k = _param(rngs, init, (d, heads, head_dim), param_dtype, ("embed", "heads", "kv"))
+        self.v = _param(rngs, init, (d, heads, head_dim), param_dtype, ("embed", "heads", "kv"))
+        oinit = nnx.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=(0, 1), out_axis=2)
+        self.o = _param(rngs, oinit, (heads, head_dim, d), param_dtype, ("heads", "kv", "embed"))
+        self.dtype = dtype
+
+    def __call__(self, x, kv, bias, mask):
+        """``x [b, s, d]``, ``kv [b, t, d]``, ``bias [1|b, h, s, t]`` or None, ``mask [b, 1, s|1, t]``."""
+        dt = self.dtype
+        x, kv = x.astype(dt), kv.astype(dt)
+        q = jnp.einsum("bsd,dhx->bshx", x, self.q[...].astype(dt))
+        k = jnp.einsum("btd,dhx->bthx", kv, self.k[...].astype(dt))
+        v = jnp.einsum("btd,dhx->bthx", kv, self.v[...].astype(dt))
+        scores = jnp.einsum("bshx,bthx->bhst", q, k).astype(jnp.float32)
+        if bias is not None:
+            scores = scores + bias
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+        out = jnp.einsum("bhst,bthx->bshx", probs, v)
+        return jnp.einsum("bshx,hxd->bsd", out, self.o[...].astype(dt))
+
+
+class EncDecBlock(nnx.Module):
+    """Encoder block (self-attention, FFN) or decoder block (+ cross-attention), pre-norm."""
+
+    def __init__(self, cfg: EncDecConfig, sparse: bool, decoder: bool, *, rngs: nnx.Rngs):
+        kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+        self.self_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
+        self.self_attn = T5Attention(cfg.d_model, cfg.num_heads, cfg.head_dim, **kw)
+        self.cross_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=cfg.param_dtype) if decoder else None
+        self.cross_attn = T5Attention(cfg.d_model, cfg.num_heads, cfg.head_dim, **kw) if decoder else None
+        self.ffn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
+        self.sparse = sparse
+        self.ffn = MoeLayer(cfg.moe, rngs=rngs) if sparse else Mlp(cfg.d_model, cfg.d_ff, activation=cfg.activation,
+                                                                     **kw)
+
+    def __call__(self, x, *, bias, mask, enc=None, enc_mask=None, padding_mask=None, deterministic=True):
+        h = self.self_norm(x)
+        x = x + self.self_attn(h, h, bias, mask).astype(x.dtype)
+        if self.cross_attn is not None:
+            x = x + self.cross_attn(self.cross_norm(x), enc, None, enc_mask).astype(x.dtype)
+        h = self.ffn_norm(x)
+        stats = None
+        if self.sparse:
+            y, stats = self.ffn(h, padding_mask=padding_mask, deterministic=deterministic)
+        else:
+            y = self.ffn(h)
+        return x + y.astype(x.dtype), stats
+
+
+class EncDecPeriod(nnx.Module):
+    def __init__(self, cfg: EncDecConfig, decoder: bool, *, rngs: nnx.Rngs):
+        p = cfg.period(decoder)
+        self.blocks = nnx.List([EncDecBlock(cfg, cfg.is_sparse(j, decoder), decoder, rngs=rngs) for j in range(p)])
+
+    def __call__(self, x, **kw):
+        stats = None
+        for block in self.blocks:
+            x, s = block(x, **kw)
+            stats = s if s is not None else stats
+        return x, stats
+
+
+class Stack(nnx.Module):
+    """An encoder or decoder stack: relative bias table, scanned periods, final norm."""
+
+    def __init__(self, cfg: EncDecConfig, decoder: bool, *, rngs: nnx.Rngs):
+        layers = cfg.num_decoder_layers if decoder else cfg.num_encoder_layers
+        self.relpos = RelativeBias(cfg.relpos_buckets, cfg.num_heads, cfg.relpos_max_distance, not decoder,
+                                   param_dtype=cfg.param_dtype, rngs=rngs)
+        self.stack = stack_modules(lambda r: EncDecPeriod(cfg, decoder, rngs=r), layers // cfg.period(decoder), rngs)
+        self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
+        self.decoder = decoder
+
+    def __call__(self, x, *, mask, padding_mask, enc=None, enc_mask=None, deterministic=True):
+        s = x.shape[1]
+        bias = self.relpos(s, s)
+        graphdef, state = nnx.split(self.stack)
+
+        def body(x, st):
+            period = nnx.merge(graphdef, st)
+            x, stats = period(x, bias=bias, mask=mask, enc=enc, enc_mask=enc_mask, padding_mask=padding_mask,
+                              deterministic=deterministic)
+            return x, (stats, nnx.state(period, nnx.RngState))
+
+        x, (stats, new_rng) = jax.lax.scan(body, x, state)
+        if not deterministic:
+            nnx.update(self.stack, new_rng)
+        return self.final_norm(x), stats
+
+
+@struct.dataclass
+class EncDecAux:
+    """MoE stats of the sparse encoder / decoder blocks, stacked on a leading axis (or None)."""
+
+    encoder: MoeStats | None
+    decoder: MoeStats | None
+
+    def load_balancing_loss(self) -> jax.Array:
+        parts = [jnp.mean(s.load_balancing_loss) for s in (self.encoder, self.decoder) if s is not None]
+        return sum(parts) / len(parts) if parts else jnp.zeros(())
+
+    def router_z_loss(self) -> jax.Array:
+        parts = [jnp.mean(s.router_z_loss) for s in (self.encoder, self.decoder) if s is not None]
+        return sum(parts) / len(parts) if parts else jnp.zeros(())
+
+
+class EncoderDecoder(nnx.Module):
+    """``logits, aux = model(encoder_ids [b, t], decoder_ids [b, s], encoder_mask=None,
+    decoder_mask=None, deterministic=True)`` with ``logits [b, s, v]`` float32.
+
+    Masks are bool, True for real tokens (T5 pads with id 0). The decoder is causal.
+    """
+
+    def __init__(self, cfg: EncDecConfig, *, rngs: nnx.Rngs):
+        cfg.validate()
+        self.cfg = cfg
+        self.embed = Embed(cfg.vocab_size, cfg.d_model, param_dtype=cfg.param_dtype, rngs=rngs)
+        self.encoder = Stack(cfg, False, rngs=rngs)
+        self.decoder = Stack(cfg, True, rngs=rngs)
+        self.lm_head = None if cfg.tie_embeddings else _param(
+            rngs, nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal"),
+            (cfg.d_model, cfg.vocab_size), cfg.param_dtype, ("embed", "vocab"))
+
+    def encode(self, ids, mask=None, deterministic=True):
+        """``ids [b, t]`` -> ``(encoded [b, t, d], encoder MoeStats)``."""
+        b, t = ids.shape
+        mask = jnp.ones((b, t), bool) if mask is None else mask.astype(bool)
+        x = self.embed(ids, self.cfg.dtype)
+        return self.encoder(x, mask=mask[:, None, None, :], padding_mask=mask, deterministic=deterministic)
+
+    def decode(self, enc, enc_mask, ids, mask=None, deterministic=True):
+        """Teacher-forced decoder pass -> ``(logits [b, s, v], decoder MoeStats)``."""
+        b, s = ids.shape
+        mask = jnp.ones((b, s), bool) if mask is None else mask.astype(bool)
+        causal = jnp.tril(jnp.ones((s, s), bool))[None, None] & mask[:, None, None, :]
+        x = self.embed(ids, self.cfg.dtype)
+        x, stats = self.decoder(x, mask=causal, padding_mask=mask, enc=enc, enc_mask=enc_mask[:, None, None, :],
+                                deterministic=deterministic)
+        if self.lm_head is None:
+            logits = self.embed.attend(x * self.cfg.d_model**-0.5)
+        else:
+            logits = x @ self.lm_head[...].astype(x.dtype)
+        return logits.astype(jnp.float32), stats
+
+    def __call__(self, encoder_ids, decoder_ids, *, encoder_mask=None, decoder_mask=None, deterministic=True):
+        for name, ids in (("encoder_ids", encoder_ids), ("decoder_ids", decoder_ids)):
+            if ids.ndim != 2:
+                raise ValueError(f"{name} must have rank 2 [batch, length]; got shape {ids.shape}")
+        b, t = encoder_ids.shape
+        enc_mask = jnp.ones((b, t), bool) if encoder_mask is None else encoder_mask.astype(bool)
+        enc, enc_stats = self.encode(encoder_ids, enc_mask, deterministic)
+        logits, dec_stats = self.decode(enc, enc_mask, decoder_ids, decoder_mask, deterministic)
+        return logits, EncDecAux(encoder=enc_stats, decoder=dec_stats)
