@@ -22,12 +22,11 @@ def _parse_mesh(text: str) -> dict[str, int]:
 def cmd_params(args) -> int:
     from flax import nnx
 
-    from moejax.models import Decoder
-    from moejax.models.params import abstract_model, bytes_per_device, count
+    from moejax.models.params import abstract_model, build_model, bytes_per_device, count
     from moejax.models.registry import get_config
 
     cfg = get_config(args.model)
-    model = abstract_model(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
+    model = abstract_model(lambda: build_model(cfg, nnx.Rngs(0)))
     rep = count(model)
     print(f"# {args.model}\n")
     print(rep.as_table())

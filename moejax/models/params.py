@@ -16,6 +16,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from moejax.models.encdec import RelativeBias, T5Attention
 from moejax.models.layers import Attention, Embed, Mlp, RMSNorm
 from moejax.moe import MoeLayer, Router
 from moejax.moe.experts import DenseFFN
@@ -34,6 +35,15 @@ class ParamReport:
                 f"| active per token | {int(round(self.active)):,} | {self.active / 1e9:.3f}B |"]
         rows += [f"| {k} | {v:,} | {v / 1e9:.3f}B |" for k, v in sorted(self.by_component.items())]
         return "| parameters | count | |\n|---|---|---|\n" + "\n".join(rows)
+
+
+def build_model(cfg, rngs: nnx.Rngs | None = None) -> nnx.Module:
+    """The model class a config describes (Decoder or EncoderDecoder)."""
+    from moejax.models.decoder import Decoder
+    from moejax.models.encdec import EncDecConfig, EncoderDecoder
+
+    cls = EncoderDecoder if isinstance(cfg, EncDecConfig) else Decoder
+    return cls(cfg, rngs=rngs or nnx.Rngs(0))
 
 
 def abstract_model(factory) -> nnx.Module:
@@ -75,8 +85,8 @@ def count(model: nnx.Module) -> ParamReport:
         nbytes += n * np.dtype(_val(var).dtype).itemsize
         active += n * frac
 
-    types = {Attention: "attention", Embed: "embeddings", Mlp: "dense_ffn", RMSNorm: "norms", Router: "router",
-             DenseFFN: "shared_experts"}
+    types = {Attention: "attention", T5Attention: "attention", RelativeBias: "attention", Embed: "embeddings",
+             Mlp: "dense_ffn", RMSNorm: "norms", Router: "router", DenseFFN: "shared_experts"}
 
     def walk(module: nnx.Module, frac: float, inherited: str | None):
         if isinstance(module, MoeLayer):
@@ -130,9 +140,12 @@ def report(cfg_or_factory: Any) -> ParamReport:
     """Count a registered config (or a module factory) abstractly."""
     from moejax.models.config import DecoderConfig
     from moejax.models.decoder import Decoder
+    from moejax.models.encdec import EncDecConfig, EncoderDecoder
 
     if isinstance(cfg_or_factory, DecoderConfig):
         factory = lambda: Decoder(cfg_or_factory, rngs=nnx.Rngs(0))  # noqa: E731
+    elif isinstance(cfg_or_factory, EncDecConfig):
+        factory = lambda: EncoderDecoder(cfg_or_factory, rngs=nnx.Rngs(0))  # noqa: E731
     else:
         factory = cfg_or_factory
     return count(abstract_model(factory))

@@ -1,7 +1,8 @@
-"""Named model configs at their published sizes (decoder-only family so far).
+"""Named model configs at their published sizes.
 
-``get_config(name)`` returns a validated :class:`DecoderConfig`; unknown names raise a
-ValueError that lists the valid ones.
+``get_config(name)`` returns a validated :class:`DecoderConfig` or :class:`EncDecConfig`; unknown
+names raise a ValueError that lists the valid ones. Sizes follow REFERENCE.md (Switch: Fedus et
+al. and the released t5x gins; Mixtral / Llama / Mistral: the HF configs).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 from typing import Callable
 
 from moejax.models.config import DecoderConfig
+from moejax.models.encdec import EncDecConfig
 from moejax.moe import MoeConfig
 
 
@@ -25,7 +27,32 @@ def _llama(d, f, layers, heads, kv, vocab, eps=1e-5, theta=1e4) -> DecoderConfig
                          head_dim=d // heads, d_ff=f, norm_eps=eps, rope_theta=theta)
 
 
-REGISTRY: dict[str, Callable[[], DecoderConfig]] = {
+def _t5(d, f, heads, layers, dec_layers=None, experts=0, every=2, act="relu", group=8192, cf_train=1.25,
+        cf_eval=2.0, min_cap=4, head_dim=64, vocab=32128, tied=True) -> EncDecConfig:
+    moe = None
+    if experts:
+        moe = MoeConfig(num_experts=experts, d_model=d, d_ff=f, top_k=1, capacity_factor_train=cf_train,
+                        capacity_factor_eval=cf_eval, min_capacity=min_cap, max_group_size=group, activation=act)
+    return EncDecConfig(vocab_size=vocab, d_model=d, num_encoder_layers=layers,
+                        num_decoder_layers=dec_layers or layers, num_heads=heads, head_dim=head_dim, d_ff=f,
+                        activation=act, moe=moe, encoder_moe_every=every, decoder_moe_every=every,
+                        tie_embeddings=tied)
+
+
+REGISTRY: dict[str, Callable[[], DecoderConfig | EncDecConfig]] = {
+    # T5 v1.0-style dense baselines
+    "t5_small": lambda: _t5(512, 2048, 8, 6),
+    "t5_base": lambda: _t5(768, 3072, 12, 12),
+    "t5_large": lambda: _t5(1024, 4096, 16, 24),
+    # Switch Transformers (every other layer sparse; group 8192 base, 4096 large/xxl, 2048 C)
+    **{f"switch_base_{e}": (lambda e=e: _t5(768, 3072, 12, 12, experts=e)) for e in (8, 16, 32, 64, 128, 256)},
+    "switch_large_128": lambda: _t5(1024, 4096, 16, 24, experts=128, group=4096),
+    # T5 v1.1-based: gated GeLU and an untied lm_head (394.7B total, REFERENCE.md)
+    "switch_xxl_128": lambda: _t5(4096, 10240, 64, 24, experts=128, act="gated-gelu", group=4096, cf_eval=4.0,
+                                  min_cap=2, tied=False),
+    "switch_c_2048": lambda: _t5(2080, 6144, 30, 15, experts=2048, every=1, group=2048, cf_train=1.0, min_cap=2),
+    "tiny_switch": lambda: _t5(64, 128, 4, 2, experts=4, head_dim=16, vocab=256, group=256),
+    "tiny_t5": lambda: _t5(64, 128, 4, 2, head_dim=16, vocab=256),
     # Mixtral 8x7B: 46.70B total / 12.88B active (REFERENCE.md 1.4)
     "mixtral_8x7b": lambda: _mixtral(4096, 14336, 32, 32, 8, 32000),
     # Mixtral 8x22B: hidden 6144, 56 layers, 48 heads (8 kv), ff 16384, vocab 32768
@@ -43,7 +70,7 @@ def names() -> list[str]:
     return sorted(REGISTRY)
 
 
-def get_config(name: str, **overrides) -> DecoderConfig:
+def get_config(name: str, **overrides) -> DecoderConfig | EncDecConfig:
     """The registered config ``name`` with dataclass field ``overrides`` applied, validated."""
     if name not in REGISTRY:
         raise ValueError(f"unknown model {name!r}; registered models: {', '.join(names())}")

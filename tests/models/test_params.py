@@ -3,11 +3,36 @@
 import pytest
 
 from moejax.main import main
+from moejax.models.encdec import EncDecConfig
 from moejax.models.params import report
 from moejax.models.registry import get_config, names
 
 
+def closed_form_encdec(cfg):
+    d, h, x, v = cfg.d_model, cfg.num_heads, cfg.head_dim, cfg.vocab_size
+    mats = 3 if cfg.activation in ("gated-gelu", "swiglu") else 2
+    total = active = v * d * (1 if cfg.tie_embeddings else 2)
+    for n, dec in ((cfg.num_encoder_layers, False), (cfg.num_decoder_layers, True)):
+        total += cfg.relpos_buckets * h + d
+        active += cfg.relpos_buckets * h + d
+        for i in range(n):
+            attn = 4 * d * h * x * (2 if dec else 1) + d * (3 if dec else 2)
+            total += attn
+            active += attn
+            if cfg.is_sparse(i, dec):
+                e = cfg.moe.num_experts
+                experts = e * mats * d * cfg.moe.d_ff
+                total += experts + d * e
+                active += experts * cfg.moe.top_k / e + d * e
+            else:
+                total += mats * d * cfg.d_ff
+                active += mats * d * cfg.d_ff
+    return total, active
+
+
 def closed_form(cfg):
+    if isinstance(cfg, EncDecConfig):
+        return closed_form_encdec(cfg)
     d, h, k, x, v = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size
     attn = d * h * x * 2 + d * k * x * 2
     norms = 2 * d
@@ -42,6 +67,13 @@ def test_counts_match_closed_form(name):
     ("mixtral_8x7b", 46.70e9, 12.88e9),   # REFERENCE.md: 46.70B / 12.88B (published 47B / 13B)
     ("mixtral_8x22b", 140.6e9, 39.2e9),   # published 141B / 39B
     ("llama_7b", 6.74e9, 6.74e9),
+    ("switch_base_8", 0.619e9, 0.223e9),     # REFERENCE.md 1.1 (computed): 0.62B / ~223M active
+    ("switch_base_128", 7.42e9, 0.224e9),    # ~7.4B; active grows with the router (d x E)
+    ("switch_base_256", 14.66e9, 0.2253e9),
+    ("switch_large_128", 26.3e9, 0.741e9),
+    ("switch_xxl_128", 394.7e9, 11.15e9),    # "≈11B" active
+    ("switch_c_2048", 1571e9, 1.68e9),       # ~1.57T
+    ("t5_base", 0.223e9, 0.223e9),
 ])
 def test_published_counts(name, total, active):
     rep = report(get_config(name))
