@@ -1,8 +1,10 @@
-"""T5 v1.0-style encoder-decoder: T5 dense baseline and Switch Transformer (scanned periods).
+"""Encoder-decoder transformers with scanned periods: T5 / Switch Transformer and NLLB-MoE.
 
-Pre-norm T5 RMSNorm, T5 relative position bias (computed once per stack from a single table and
-shared by every block, as in T5), unscaled dot-product attention, ReLU FFNs, tied embeddings with
-logits rescaled by ``d_model ** -0.5``. Letters: ``b`` batch, ``s`` decoder length, ``t`` encoder
+T5 / Switch (the defaults): pre-norm T5 RMSNorm, T5 relative position bias (computed once per
+stack from a single table and shared by every block, as in T5), unscaled attention, ReLU FFNs,
+tied embeddings with logits rescaled by ``d_model ** -0.5``. NLLB-MoE: pre-LN LayerNorm with bias,
+sinusoidal positions (fairseq offset), scaled attention and FFNs with biases, embeddings scaled by
+``sqrt(d_model)``, top-2 experts with expert output masking. Letters: ``b`` batch, ``s`` decoder length, ``t`` encoder
 length, ``d`` d_model, ``h`` heads, ``x`` head dim, ``v`` vocab.
 """
 
@@ -17,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from moejax.models.decoder import stack_modules
-from moejax.models.layers import Embed, Mlp, RMSNorm, _param
+from moejax.models.layers import Embed, LayerNorm, Mlp, RMSNorm, _param, sinusoidal_positions
 from moejax.moe import MoeConfig, MoeLayer, MoeStats
 
 
@@ -45,6 +47,15 @@ class EncDecConfig:
     encoder_moe_every: int = 2
     decoder_moe_every: int = 2
     moe_offset: int = -1
+    # architecture variants: T5 / Switch (defaults) vs NLLB-MoE / fairseq
+    norm: str = "rms"
+    positions: str = "relative"
+    attn_bias: bool = False
+    attn_scaled: bool = False
+    ffn_bias: bool = False
+    embed_scale: bool = False
+    scale_tied_logits: bool = True
+    pad_id: int = 0
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -70,11 +81,20 @@ class EncDecConfig:
                 which = "decoder" if dec else "encoder"
                 raise ValueError(f"num_{which}_layers={layers} is not a multiple of {which}_moe_every="
                                  f"{self.period(dec)}")
+        if self.norm not in ("rms", "layer"):
+            raise ValueError(f"unknown norm {self.norm!r}; valid: rms, layer")
+        if self.positions not in ("relative", "sinusoidal"):
+            raise ValueError(f"unknown positions {self.positions!r}; valid: relative, sinusoidal")
         if self.moe is not None:
             self.moe.validate()
             if self.moe.d_model != self.d_model:
                 raise ValueError(f"moe.d_model={self.moe.d_model} must equal d_model={self.d_model}")
         return self
+
+    def make_norm(self):
+        if self.norm == "layer":
+            return LayerNorm(self.d_model, eps=self.norm_eps, param_dtype=self.param_dtype)
+        return RMSNorm(self.d_model, eps=self.norm_eps, param_dtype=self.param_dtype)
 
 
 def relative_position_bucket(rel: jax.Array, bidirectional: bool, num_buckets: int, max_distance: int) -> jax.Array:
@@ -110,18 +130,26 @@ class RelativeBias(nnx.Module):
 
 
 class T5Attention(nnx.Module):
-    """Unscaled multi-head attention ``softmax(q k^T + bias) v`` (T5 folds the scale into init).
+    """Multi-head attention ``softmax(q k^T [* x^-0.5] + bias) v``: unscaled and bias-free for T5
+    (which folds the scale into its init), scaled with projection biases for NLLB.
 
-    Params ``q``, ``k``, ``v [d, h, x]`` and ``o [h, x, d]``, no biases.
+    Params ``q``, ``k``, ``v [d, h, x]``, ``o [h, x, d]``, optional ``*_bias``.
     """
 
-    def __init__(self, d, heads, head_dim, *, dtype, param_dtype, rngs):
+    def __init__(self, d, heads, head_dim, *, use_bias=False, scaled=False, dtype, param_dtype, rngs):
         init = nnx.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=0, out_axis=(1, 2))
         self.q = _param(rngs, init, (d, heads, head_dim), param_dtype, ("embed", "heads", "kv"))
         self.k = _param(rngs, init, (d, heads, head_dim), param_dtype, ("embed", "heads", "kv"))
         self.v = _param(rngs, init, (d, heads, head_dim), param_dtype, ("embed", "heads", "kv"))
         oinit = nnx.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=(0, 1), out_axis=2)
         self.o = _param(rngs, oinit, (heads, head_dim, d), param_dtype, ("heads", "kv", "embed"))
+        self.use_bias, self.scale = use_bias, (head_dim**-0.5 if scaled else 1.0)
+        if use_bias:
+            z = nnx.initializers.zeros
+            self.q_bias = _param(rngs, z, (heads, head_dim), param_dtype, ("heads", "kv"))
+            self.k_bias = _param(rngs, z, (heads, head_dim), param_dtype, ("heads", "kv"))
+            self.v_bias = _param(rngs, z, (heads, head_dim), param_dtype, ("heads", "kv"))
+            self.o_bias = _param(rngs, z, (d,), param_dtype, ("embed",))
         self.dtype = dtype
 
     def __call__(self, x, kv, bias, mask):
@@ -131,13 +159,16 @@ class T5Attention(nnx.Module):
         q = jnp.einsum("bsd,dhx->bshx", x, self.q[...].astype(dt))
         k = jnp.einsum("btd,dhx->bthx", kv, self.k[...].astype(dt))
         v = jnp.einsum("btd,dhx->bthx", kv, self.v[...].astype(dt))
-        scores = jnp.einsum("bshx,bthx->bhst", q, k).astype(jnp.float32)
+        if self.use_bias:
+            q, k, v = q + self.q_bias[...].astype(dt), k + self.k_bias[...].astype(dt), v + self.v_bias[...].astype(dt)
+        scores = jnp.einsum("bshx,bthx->bhst", q * self.scale, k).astype(jnp.float32)
         if bias is not None:
             scores = scores + bias
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
         out = jnp.einsum("bhst,bthx->bshx", probs, v)
-        return jnp.einsum("bshx,hxd->bsd", out, self.o[...].astype(dt))
+        y = jnp.einsum("bshx,hxd->bsd", out, self.o[...].astype(dt))
+        return y + self.o_bias[...].astype(dt) if self.use_bias else y
 
 
 class EncDecBlock(nnx.Module):
@@ -145,14 +176,15 @@ class EncDecBlock(nnx.Module):
 
     def __init__(self, cfg: EncDecConfig, sparse: bool, decoder: bool, *, rngs: nnx.Rngs):
         kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
-        self.self_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
-        self.self_attn = T5Attention(cfg.d_model, cfg.num_heads, cfg.head_dim, **kw)
-        self.cross_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=cfg.param_dtype) if decoder else None
-        self.cross_attn = T5Attention(cfg.d_model, cfg.num_heads, cfg.head_dim, **kw) if decoder else None
-        self.ffn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
+        akw = dict(use_bias=cfg.attn_bias, scaled=cfg.attn_scaled, **kw)
+        self.self_norm = cfg.make_norm()
+        self.self_attn = T5Attention(cfg.d_model, cfg.num_heads, cfg.head_dim, **akw)
+        self.cross_norm = cfg.make_norm() if decoder else None
+        self.cross_attn = T5Attention(cfg.d_model, cfg.num_heads, cfg.head_dim, **akw) if decoder else None
+        self.ffn_norm = cfg.make_norm()
         self.sparse = sparse
         self.ffn = MoeLayer(cfg.moe, rngs=rngs) if sparse else Mlp(cfg.d_model, cfg.d_ff, activation=cfg.activation,
-                                                                     **kw)
+                                                                     use_bias=cfg.ffn_bias, **kw)
 
     def __call__(self, x, *, bias, mask, enc=None, enc_mask=None, padding_mask=None, deterministic=True):
         h = self.self_norm(x)
@@ -187,14 +219,14 @@ class Stack(nnx.Module):
     def __init__(self, cfg: EncDecConfig, decoder: bool, *, rngs: nnx.Rngs):
         layers = cfg.num_decoder_layers if decoder else cfg.num_encoder_layers
         self.relpos = RelativeBias(cfg.relpos_buckets, cfg.num_heads, cfg.relpos_max_distance, not decoder,
-                                   param_dtype=cfg.param_dtype, rngs=rngs)
+                                   param_dtype=cfg.param_dtype, rngs=rngs) if cfg.positions == "relative" else None
         self.stack = stack_modules(lambda r: EncDecPeriod(cfg, decoder, rngs=r), layers // cfg.period(decoder), rngs)
-        self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
+        self.final_norm = cfg.make_norm()
         self.decoder = decoder
 
     def __call__(self, x, *, mask, padding_mask, enc=None, enc_mask=None, deterministic=True):
         s = x.shape[1]
-        bias = self.relpos(s, s)
+        bias = None if self.relpos is None else self.relpos(s, s)
         graphdef, state = nnx.split(self.stack)
 
         def body(x, st):
@@ -242,11 +274,22 @@ class EncoderDecoder(nnx.Module):
             rngs, nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal"),
             (cfg.d_model, cfg.vocab_size), cfg.param_dtype, ("embed", "vocab"))
 
+    def _embed(self, ids, mask):
+        cfg = self.cfg
+        x = self.embed(ids, cfg.dtype)
+        if cfg.embed_scale:
+            x = x * jnp.asarray(math.sqrt(cfg.d_model), x.dtype)
+        if cfg.positions == "sinusoidal":
+            # fairseq position ids: 1-based count of real tokens, offset by the padding id
+            pos = jnp.where(mask, jnp.cumsum(mask, axis=1), 0) + cfg.pad_id
+            x = x + sinusoidal_positions(pos, cfg.d_model, cfg.pad_id).astype(x.dtype)
+        return x
+
     def encode(self, ids, mask=None, deterministic=True):
         """``ids [b, t]`` -> ``(encoded [b, t, d], encoder MoeStats)``."""
         b, t = ids.shape
         mask = jnp.ones((b, t), bool) if mask is None else mask.astype(bool)
-        x = self.embed(ids, self.cfg.dtype)
+        x = self._embed(ids, mask)
         return self.encoder(x, mask=mask[:, None, None, :], padding_mask=mask, deterministic=deterministic)
 
     def decode(self, enc, enc_mask, ids, mask=None, deterministic=True):
@@ -254,11 +297,11 @@ class EncoderDecoder(nnx.Module):
         b, s = ids.shape
         mask = jnp.ones((b, s), bool) if mask is None else mask.astype(bool)
         causal = jnp.tril(jnp.ones((s, s), bool))[None, None] & mask[:, None, None, :]
-        x = self.embed(ids, self.cfg.dtype)
+        x = self._embed(ids, mask)
         x, stats = self.decoder(x, mask=causal, padding_mask=mask, enc=enc, enc_mask=enc_mask[:, None, None, :],
                                 deterministic=deterministic)
         if self.lm_head is None:
-            logits = self.embed.attend(x * self.cfg.d_model**-0.5)
+            logits = self.embed.attend(x * self.cfg.d_model**-0.5 if self.cfg.scale_tied_logits else x)
         else:
             logits = x @ self.lm_head[...].astype(x.dtype)
         return logits.astype(jnp.float32), stats

@@ -31,6 +31,36 @@ class RMSNorm(nnx.Module):
         return (y.astype(x.dtype) * self.scale[...].astype(x.dtype)).astype(x.dtype)
 
 
+class LayerNorm(nnx.Module):
+    """``(x - mean) * rsqrt(var + eps) * scale + bias``, statistics in float32 (NLLB / fairseq)."""
+
+    def __init__(self, d: int, *, eps: float = 1e-5, param_dtype=jnp.float32):
+        self.scale = nnx.Param(jnp.ones((d,), param_dtype), logical_axes=("embed",))
+        self.bias = nnx.Param(jnp.zeros((d,), param_dtype), logical_axes=("embed",))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        mean = jnp.mean(xf, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def sinusoidal_positions(positions: jax.Array, d: int, padding_idx: int | None = None) -> jax.Array:
+    """fairseq / NLLB sinusoidal table rows ``[..., d]`` for integer ``positions`` (sin half, then
+    cos half; row ``padding_idx`` is zero)."""
+    half = d // 2
+    freq = jnp.exp(jnp.arange(half, dtype=jnp.float32) * -(jnp.log(10000.0) / (half - 1)))
+    ang = positions.astype(jnp.float32)[..., None] * freq
+    emb = jnp.concatenate([jnp.sin(ang), jnp.cos(ang)], axis=-1)
+    if d % 2:
+        emb = jnp.concatenate([emb, jnp.zeros(emb.shape[:-1] + (1,), emb.dtype)], axis=-1)
+    if padding_idx is not None:
+        emb = jnp.where((positions == padding_idx)[..., None], 0.0, emb)
+    return emb
+
+
 class Embed(nnx.Module):
     """Token embedding ``[v, d]`` (logical ``('vocab', 'embed')``); ``attend`` gives tied logits."""
 

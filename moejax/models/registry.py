@@ -39,6 +39,17 @@ def _t5(d, f, heads, layers, dec_layers=None, experts=0, every=2, act="relu", gr
                         tie_embeddings=tied)
 
 
+def _nllb(d, f, heads, layers, vocab, experts, every=4) -> EncDecConfig:
+    moe = MoeConfig(num_experts=experts, d_model=d, d_ff=f, top_k=2, weight_norm="kept", capacity_factor_train=1.0,
+                    capacity_factor_eval=experts / 2, min_capacity=0, max_group_size=1 << 30, activation="relu",
+                    use_bias=True, eom_rate=0.2)
+    return EncDecConfig(vocab_size=vocab, d_model=d, num_encoder_layers=layers, num_decoder_layers=layers,
+                        num_heads=heads, head_dim=d // heads, d_ff=f, activation="relu", norm_eps=1e-5, moe=moe,
+                        encoder_moe_every=every, decoder_moe_every=every, norm="layer", positions="sinusoidal",
+                        attn_bias=True, attn_scaled=True, ffn_bias=True, embed_scale=True, scale_tied_logits=False,
+                        pad_id=1)
+
+
 REGISTRY: dict[str, Callable[[], DecoderConfig | EncDecConfig]] = {
     # T5 v1.0-style dense baselines
     "t5_small": lambda: _t5(512, 2048, 8, 6),
@@ -51,6 +62,9 @@ REGISTRY: dict[str, Callable[[], DecoderConfig | EncDecConfig]] = {
     "switch_xxl_128": lambda: _t5(4096, 10240, 64, 24, experts=128, act="gated-gelu", group=4096, cf_eval=4.0,
                                   min_cap=2, tied=False),
     "switch_c_2048": lambda: _t5(2080, 6144, 30, 15, experts=2048, every=1, group=2048, cf_train=1.0, min_cap=2),
+    # NLLB-MoE 54B: top-2 every 4th layer, 128 experts, LayerNorm, sinusoidal positions (54.5B total)
+    "nllb_moe_54b": lambda: _nllb(2048, 8192, 16, 24, 256206, 128),
+    "tiny_nllb_moe": lambda: _nllb(64, 128, 4, 4, 256, 4),
     "tiny_switch": lambda: _t5(64, 128, 4, 2, experts=4, head_dim=16, vocab=256, group=256),
     "tiny_t5": lambda: _t5(64, 128, 4, 2, head_dim=16, vocab=256),
     # Mixtral 8x7B: 46.70B total / 12.88B active (REFERENCE.md 1.4)

@@ -52,7 +52,9 @@ class MoeConfig:
 
     Experts
       d_model, d_ff, activation, use_bias, expert_dropout (dropout on the expert hidden layer in
-      training), num_shared_experts / shared_d_ff (always-on dense experts added to the output),
+      training), eom_rate (NLLB "expert output masking" as transformers implements it: element-wise
+      inverted dropout on each expert's output in training, outputs scaled by ``1 - eom_rate`` in
+      eval), num_shared_experts / shared_d_ff (always-on dense experts added to the output),
       inner (an :class:`MoeConfig` making every expert itself an MoE layer: hierarchical MoE).
 
     Numerics and layout
@@ -83,6 +85,7 @@ class MoeConfig:
     activation: str = "relu"
     use_bias: bool = False
     expert_dropout: float = 0.0
+    eom_rate: float = 0.0
     num_shared_experts: int = 0
     shared_d_ff: int | None = None
     inner: "MoeConfig | None" = None
@@ -134,6 +137,8 @@ class MoeConfig:
             raise ValueError(f"group_multiple must be >= 1, got {self.group_multiple}")
         if not 0.0 <= self.expert_dropout < 1.0:
             raise ValueError(f"expert_dropout must be in [0, 1), got {self.expert_dropout}")
+        if not 0.0 <= self.eom_rate < 1.0:
+            raise ValueError(f"eom_rate must be in [0, 1), got {self.eom_rate}")
         if not 0.0 <= self.jitter_eps < 1.0:
             raise ValueError(f"jitter_eps must be in [0, 1), got {self.jitter_eps}")
         if self.num_shared_experts < 0:

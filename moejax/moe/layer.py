@@ -183,8 +183,18 @@ class MoeLayer(nnx.Module):
             return run
 
         def run(buf, slot_mask=None):
-            return self.experts(buf, deterministic=deterministic, rngs=rngs)
+            return self._eom(self.experts(buf, deterministic=deterministic, rngs=rngs), deterministic, rngs)
         return run
+
+    def _eom(self, out, deterministic, rngs):
+        """NLLB expert output masking (see MoeConfig.eom_rate)."""
+        rate = self.cfg.eom_rate
+        if rate == 0.0:
+            return out
+        if deterministic:
+            return out * (1.0 - rate)
+        keep = jax.random.bernoulli(rngs.dropout(), 1.0 - rate, out.shape)
+        return jnp.where(keep, out / (1.0 - rate), 0.0).astype(out.dtype)
 
     # ------------------------------------------------------------------ call
     def __call__(self, x: jax.Array, *, padding_mask: jax.Array | None = None, deterministic: bool | None = None,
@@ -226,7 +236,9 @@ class MoeLayer(nnx.Module):
         else:
             expert_call = run
         if cfg.backend == "ragged":
-            ragged_fn = lambda xs, gs: self.experts.ragged(xs, gs, deterministic=deterministic, rngs=rngs)  # noqa: E731
+            def ragged_fn(xs, gs):
+                return self._eom(self.experts.ragged(xs, gs, deterministic=deterministic, rngs=rngs),
+                                 deterministic, rngs)
             yg = BACKENDS["ragged"](xg, plan, ragged_fn, cfg.axis_rules)
         else:
             yg = BACKENDS[cfg.backend](xg, plan, expert_call, cfg.axis_rules)

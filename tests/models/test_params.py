@@ -11,22 +11,26 @@ from moejax.models.registry import get_config, names
 def closed_form_encdec(cfg):
     d, h, x, v = cfg.d_model, cfg.num_heads, cfg.head_dim, cfg.vocab_size
     mats = 3 if cfg.activation in ("gated-gelu", "swiglu") else 2
+    norm = d * (2 if cfg.norm == "layer" else 1)
     total = active = v * d * (1 if cfg.tie_embeddings else 2)
     for n, dec in ((cfg.num_encoder_layers, False), (cfg.num_decoder_layers, True)):
-        total += cfg.relpos_buckets * h + d
-        active += cfg.relpos_buckets * h + d
+        relpos = cfg.relpos_buckets * h if cfg.positions == "relative" else 0
+        total += relpos + norm
+        active += relpos + norm
         for i in range(n):
-            attn = 4 * d * h * x * (2 if dec else 1) + d * (3 if dec else 2)
+            one_attn = 4 * d * h * x + (3 * h * x + d if cfg.attn_bias else 0)
+            attn = one_attn * (2 if dec else 1) + norm * (3 if dec else 2)
             total += attn
             active += attn
             if cfg.is_sparse(i, dec):
-                e = cfg.moe.num_experts
-                experts = e * mats * d * cfg.moe.d_ff
+                e, f = cfg.moe.num_experts, cfg.moe.d_ff
+                experts = e * (mats * d * f + ((f + d) if cfg.moe.use_bias else 0))
                 total += experts + d * e
                 active += experts * cfg.moe.top_k / e + d * e
             else:
-                total += mats * d * cfg.d_ff
-                active += mats * d * cfg.d_ff
+                dense = mats * d * cfg.d_ff + ((cfg.d_ff + d) if cfg.ffn_bias else 0)
+                total += dense
+                active += dense
     return total, active
 
 
@@ -74,6 +78,7 @@ def test_counts_match_closed_form(name):
     ("switch_xxl_128", 394.7e9, 11.15e9),    # "≈11B" active
     ("switch_c_2048", 1571e9, 1.68e9),       # ~1.57T
     ("t5_base", 0.223e9, 0.223e9),
+    ("nllb_moe_54b", 54.5e9, 3.751e9),       # REFERENCE.md 1.2: 54.5B, "≈3.7B" active with top-2
 ])
 def test_published_counts(name, total, active):
     rep = report(get_config(name))

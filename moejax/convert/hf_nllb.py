@@ -1,0 +1,124 @@
+"""Hugging Face NLLB-MoE -> moejax EncoderDecoder weights (safetensors, no pickle).
+
+HF names (transformers 4.x): ``model.shared.weight``; ``model.{encoder,decoder}.layers.{i}.
+self_attn.{q,k,v,out}_proj.{weight,bias}``, ``self_attn_layer_norm``, ``ff_layer_norm``; decoder
+``cross_attention.*`` and ``cross_attention_layer_norm``; dense ``ffn.fc{1,2}``; sparse
+``ffn.router.classifier.weight [E, d]`` and ``ffn.experts.expert_{j}.fc{1,2}.{weight,bias}``;
+``model.{encoder,decoder}.layer_norm``; tied ``lm_head.weight``. Sinusoidal positions are not
+stored (recomputed). Routing: the whole batch is one group; eval capacity
+``ceil(moe_eval_capacity_token_fraction * tokens)``; training capacity ``2 * ceil(tokens / E)``
+(the fairseq default; a fixed Hub ``expert_capacity`` is not mirrored in training).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from flax import nnx
+
+from moejax.convert.hf_mixtral import load_into
+from moejax.convert.safetensors_io import load_hf_dir, read_hf_config
+from moejax.models.encdec import EncDecConfig, EncoderDecoder
+from moejax.moe import MoeConfig
+
+
+def config_from_hf(hf: dict, **overrides) -> EncDecConfig:
+    """Map an ``nllb-moe`` ``config.json`` to an :class:`EncDecConfig`."""
+    if hf.get("model_type") != "nllb-moe":
+        raise ValueError(f"config.json has model_type={hf.get('model_type')!r}; this converter reads nllb-moe")
+    d, e = hf["d_model"], hf["num_experts"]
+    if hf["encoder_ffn_dim"] != hf["decoder_ffn_dim"] or hf["encoder_attention_heads"] != hf["decoder_attention_heads"]:
+        raise ValueError("moejax NLLB needs equal encoder/decoder ffn_dim and attention heads")
+    if hf.get("activation_function", "relu") != "relu":
+        raise ValueError(f"unsupported activation_function {hf.get('activation_function')!r}; supported: relu")
+    frac = hf.get("moe_eval_capacity_token_fraction", 1.0) or 0.0
+    moe = MoeConfig(num_experts=e, d_model=d, d_ff=hf["encoder_ffn_dim"], top_k=2,
+                    second_expert_policy=hf.get("second_expert_policy", "all"),
+                    weight_norm="topk" if hf.get("normalize_router_prob_before_dropping") else "kept",
+                    batch_prioritized=bool(hf.get("batch_prioritized_routing", False)),
+                    capacity_factor_train=1.0, capacity_factor_eval=frac * e / 2 if frac > 0 else 1.0, min_capacity=0,
+                    max_group_size=1 << 30, activation="relu", use_bias=True,
+                    eom_rate=float(hf.get("moe_token_dropout", 0.0) or 0.0), router_bias=bool(hf.get("router_bias")))
+    heads = hf["encoder_attention_heads"]
+    cfg = EncDecConfig(
+        vocab_size=hf["vocab_size"], d_model=d, num_encoder_layers=hf["encoder_layers"],
+        num_decoder_layers=hf["decoder_layers"], num_heads=heads, head_dim=d // heads, d_ff=hf["encoder_ffn_dim"],
+        activation="relu", norm_eps=1e-5, tie_embeddings=True, moe=moe,
+        encoder_moe_every=hf["encoder_sparse_step"], decoder_moe_every=hf["decoder_sparse_step"], moe_offset=-1,
+        norm="layer", positions="sinusoidal", attn_bias=True, attn_scaled=True, ffn_bias=True,
+        embed_scale=bool(hf.get("scale_embedding", True)), scale_tied_logits=False, pad_id=hf.get("pad_token_id", 1),
+    )
+    return cfg.replace(**overrides).validate()
+
+
+def hf_to_state(cfg: EncDecConfig, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Flat ``{moejax path: array}``; ValueError lists missing and unexpected HF weights."""
+    used: set[str] = set()
+    missing: list[str] = []
+
+    def get(name):
+        if name not in weights:
+            missing.append(name)
+            return None
+        used.add(name)
+        return np.asarray(weights[name])
+
+    h, x, d = cfg.num_heads, cfg.head_dim, cfg.d_model
+    ident = lambda w: w  # noqa: E731
+    flat: dict[str, np.ndarray] = {"embed/embedding": get("model.shared.weight")}
+    used.update({"model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight", "lm_head.weight"})
+    stacks: dict[str, list] = {}
+    for which, n, dec in (("encoder", cfg.num_encoder_layers, False), ("decoder", cfg.num_decoder_layers, True)):
+        p = cfg.period(dec)
+        for leaf in ("scale", "bias"):
+            flat[f"{which}/final_norm/{leaf}"] = get(f"model.{which}.layer_norm.{'weight' if leaf == 'scale' else 'bias'}")
+        for i in range(n):
+            pre = f"model.{which}.layers.{i}."
+            base = f"{which}/stack/blocks/{i % p}/"
+            m = {}
+            attns = (("self_attn", "self_attn", "self_attn_layer_norm", "self_norm"),)
+            if dec:
+                attns += (("cross_attn", "cross_attention", "cross_attention_layer_norm", "cross_norm"),)
+            for ours, theirs, ln, norm in attns:
+                for proj, hf_proj in (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj")):
+                    m[f"{ours}/{proj}"] = (f"{pre}{theirs}.{hf_proj}.weight", lambda w: w.T.reshape(d, h, x))
+                    m[f"{ours}/{proj}_bias"] = (f"{pre}{theirs}.{hf_proj}.bias", lambda w: w.reshape(h, x))
+                m[f"{ours}/o"] = (f"{pre}{theirs}.out_proj.weight", lambda w: w.T.reshape(h, x, d))
+                m[f"{ours}/o_bias"] = (f"{pre}{theirs}.out_proj.bias", ident)
+                m[f"{norm}/scale"] = (f"{pre}{ln}.weight", ident)
+                m[f"{norm}/bias"] = (f"{pre}{ln}.bias", ident)
+            m["ffn_norm/scale"] = (pre + "ff_layer_norm.weight", ident)
+            m["ffn_norm/bias"] = (pre + "ff_layer_norm.bias", ident)
+            if cfg.is_sparse(i, dec):
+                m["ffn/router/kernel"] = (pre + "ffn.router.classifier.weight", lambda w: w.T)
+                if cfg.moe.router_bias:
+                    m["ffn/router/bias"] = (pre + "ffn.router.classifier.bias", ident)
+                for key, name, fn in (("wi", "fc1.weight", lambda w: w.T), ("bi", "fc1.bias", ident),
+                                      ("wo", "fc2.weight", lambda w: w.T), ("bo", "fc2.bias", ident)):
+                    ws = [get(f"{pre}ffn.experts.expert_{e}.{name}") for e in range(cfg.moe.num_experts)]
+                    stacks.setdefault(f"{base}ffn/experts/{key}", []).append(
+                        None if any(w is None for w in ws) else np.stack([fn(w) for w in ws]))
+            else:
+                m["ffn/wi"] = (pre + "ffn.fc1.weight", lambda w: w.T)
+                m["ffn/bi"] = (pre + "ffn.fc1.bias", ident)
+                m["ffn/wo"] = (pre + "ffn.fc2.weight", lambda w: w.T)
+                m["ffn/bo"] = (pre + "ffn.fc2.bias", ident)
+            for path, (name, fn) in m.items():
+                w = get(name)
+                stacks.setdefault(base + path, []).append(None if w is None else fn(w))
+    unused = sorted(set(weights) - used)
+    if missing or unused:
+        raise ValueError(
+            "checkpoint does not match the model config: "
+            + (f"missing {len(missing)} weights: {missing[:8]}{' ...' if len(missing) > 8 else ''}; " if missing else "")
+            + (f"unexpected {len(unused)} weights: {unused[:8]}{' ...' if len(unused) > 8 else ''}" if unused else ""))
+    for path, arrs in stacks.items():
+        flat[path] = np.stack(arrs)
+    return flat
+
+
+def from_hf(path: str, *, rngs: nnx.Rngs | None = None, **overrides) -> tuple[EncoderDecoder, EncDecConfig]:
+    """Build an :class:`EncoderDecoder` from a HF NLLB-MoE ``save_pretrained`` directory."""
+    cfg = config_from_hf(read_hf_config(path), **overrides)
+    _, weights = load_hf_dir(path)
+    model = EncoderDecoder(cfg, rngs=rngs or nnx.Rngs(0))
+    return load_into(model, hf_to_state(cfg, weights)), cfg
