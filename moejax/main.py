@@ -1,4 +1,8 @@
-"""moejax command line: ``python -m moejax.main params --model mixtral_8x7b [--mesh data=64,expert=8,model=4]``.
+"""moejax command line.
+
+``moejax params --model mixtral_8x7b [--mesh data=64,expert=8,model=4]``: exact parameter counts.
+``moejax convert --hf_dir DIR --out CKPT``: a HF checkpoint (Mixtral / Llama / Mistral, Switch / T5,
+NLLB-MoE) to a moejax orbax checkpoint (restore with ``moejax.convert.checkpoint.restore``).
 
 The gin-configured ``train`` / ``eval`` / ``infer`` entry points arrive with the trainer.
 """
@@ -42,6 +46,21 @@ def cmd_params(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    from moejax.convert import checkpoint, hf_mixtral, hf_nllb, hf_switch
+    from moejax.convert.safetensors_io import read_hf_config
+
+    model_type = read_hf_config(args.hf_dir).get("model_type")
+    readers = {"mixtral": hf_mixtral, "mistral": hf_mixtral, "llama": hf_mixtral, "switch_transformers": hf_switch,
+               "t5": hf_switch, "nllb-moe": hf_nllb}
+    if model_type not in readers:
+        raise ValueError(f"cannot convert model_type={model_type!r}; supported: {', '.join(sorted(readers))}")
+    model, cfg = readers[model_type].from_hf(args.hf_dir)
+    checkpoint.save(model, args.out)
+    print(f"converted {model_type} from {args.hf_dir} -> {args.out}")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="moejax", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -49,6 +68,10 @@ def main(argv=None) -> int:
     pp.add_argument("--model", required=True, help="a registered config name")
     pp.add_argument("--mesh", default="", help="e.g. data=64,expert=8,model=4: bytes per device")
     pp.set_defaults(fn=cmd_params)
+    pc = sub.add_parser("convert", help="Hugging Face save_pretrained dir (safetensors) -> moejax orbax checkpoint")
+    pc.add_argument("--hf_dir", required=True)
+    pc.add_argument("--out", required=True)
+    pc.set_defaults(fn=cmd_convert)
     args = p.parse_args(argv)
     try:
         return args.fn(args)

@@ -87,3 +87,15 @@ def test_mismatched_checkpoint_errors(tmp_path):
     (bert / "config.json").write_text('{"model_type": "bert"}')
     with pytest.raises(ValueError, match="model_type='bert'; this converter reads mixtral, mistral, llama"):
         from_hf(str(bert))
+
+
+def test_convert_cli_writes_orbax_checkpoint(tmp_path):
+    from moejax.convert import checkpoint
+    from moejax.main import main
+
+    hf = tiny_mixtral()
+    hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    assert main(["convert", "--hf_dir", str(tmp_path / "hf"), "--out", str(tmp_path / "ck")]) == 0
+    model = checkpoint.restore(str(tmp_path / "ck"))
+    logits, _ = model(jnp.asarray(IDS))
+    np.testing.assert_allclose(np.asarray(logits), hf_logits(hf, IDS), atol=1e-4, rtol=1e-4)
