@@ -1,5 +1,5 @@
 """Inference: KV-cached decoding (greedy, temperature, top-p) and scoring."""
 
-from moejax.inference.decode import generate, score
+from moejax.inference.decode import generate, generate_encdec, score
 
-__all__ = ["generate", "score"]
+__all__ = ["generate", "generate_encdec", "score"]

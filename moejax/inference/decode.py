@@ -72,6 +72,41 @@ def generate(model, prompt: jax.Array, max_new_tokens: int, *, temperature: floa
     return run(state, prompt, mask, rng)
 
 
+def generate_encdec(model, encoder_ids: jax.Array, max_new_tokens: int, *, start_id: int,
+                    encoder_mask: jax.Array | None = None, temperature: float = 0.0, top_p: float = 1.0,
+                    rng: jax.Array | None = None) -> jax.Array:
+    """Encoder-decoder decoding: encode once, then cached single-token decoder steps in a
+    ``lax.scan``, starting from ``start_id`` (T5: 0, NLLB: eos=2). Returns ``[b, n]`` int32 (the
+    start token excluded). Same sampling options as :func:`generate`."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature > 0 and rng is None:
+        raise ValueError("sampling (temperature > 0) needs an rng key")
+    rng = jax.random.key(0) if rng is None else rng
+    b, t = encoder_ids.shape
+    emask = jnp.ones((b, t), bool) if encoder_mask is None else encoder_mask.astype(bool)
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def run(state, encoder_ids, emask, rng):
+        m = nnx.merge(graphdef, state)
+        enc, _ = m.encode(encoder_ids, emask)
+        caches = m.init_cache(b, max_new_tokens)
+
+        def step(carry, _):
+            tok, caches, rng = carry
+            logits, _, caches = m.decode(enc, emask, tok[:, None], caches=caches)
+            rng, sub = jax.random.split(rng)
+            nxt = _sample(logits[:, -1], sub, temperature, top_p)
+            return (nxt, caches, rng), nxt
+
+        start = jnp.full((b,), start_id, jnp.int32)
+        _, toks = jax.lax.scan(step, (start, caches, rng), None, length=max_new_tokens)
+        return jnp.swapaxes(toks, 0, 1)
+
+    return run(state, encoder_ids, emask, rng)
+
+
 def score(model, inputs: jax.Array, targets: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     """Log-likelihood of ``targets [b, s]`` given teacher-forced ``inputs [b, s]`` -> ``[b]``
     (summed over positions where ``mask`` is True)."""

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from moejax.models.decoder import stack_modules
-from moejax.models.layers import Embed, LayerNorm, Mlp, RMSNorm, _param, sinusoidal_positions
+from moejax.models.layers import Embed, KVCache, LayerNorm, Mlp, RMSNorm, _param, sinusoidal_positions
 from moejax.moe import MoeConfig, MoeLayer, MoeStats
 
 
@@ -123,8 +123,9 @@ class RelativeBias(nnx.Module):
                                 ("unmodeled", "heads"))
         self.buckets, self.max_distance, self.bidirectional = buckets, max_distance, bidirectional
 
-    def __call__(self, q_len: int, k_len: int) -> jax.Array:
-        rel = jnp.arange(k_len)[None, :] - jnp.arange(q_len)[:, None]
+    def __call__(self, q_pos: jax.Array, k_pos: jax.Array) -> jax.Array:
+        """``q_pos [s]``, ``k_pos [t]`` int positions -> bias ``[1, h, s, t]``."""
+        rel = k_pos[None, :] - q_pos[:, None]
         b = relative_position_bucket(rel, self.bidirectional, self.buckets, self.max_distance)
         return jnp.transpose(self.embedding[...][b], (2, 0, 1))[None].astype(jnp.float32)
 
@@ -152,8 +153,12 @@ class T5Attention(nnx.Module):
             self.o_bias = _param(rngs, z, (d,), param_dtype, ("embed",))
         self.dtype = dtype
 
-    def __call__(self, x, kv, bias, mask):
-        """``x [b, s, d]``, ``kv [b, t, d]``, ``bias [1|b, h, s, t]`` or None, ``mask [b, 1, s|1, t]``."""
+    def __call__(self, x, kv, bias, mask, cache=None):
+        """``x [b, s, d]``, ``kv [b, t, d]``, ``bias [1|b, h, s, t]`` or None, ``mask [b, 1, s|1, t]``.
+
+        With a :class:`KVCache` the new keys / values are appended and attention runs over the
+        cache (``t`` = cache length); returns ``(y, new_cache)`` then.
+        """
         dt = self.dtype
         x, kv = x.astype(dt), kv.astype(dt)
         q = jnp.einsum("bsd,dhx->bshx", x, self.q[...].astype(dt))
@@ -161,6 +166,11 @@ class T5Attention(nnx.Module):
         v = jnp.einsum("btd,dhx->bthx", kv, self.v[...].astype(dt))
         if self.use_bias:
             q, k, v = q + self.q_bias[...].astype(dt), k + self.k_bias[...].astype(dt), v + self.v_bias[...].astype(dt)
+        if cache is not None:
+            b, s_new = kv.shape[:2]
+            cache = cache.write(k, v, jnp.ones((b, s_new), bool), jnp.broadcast_to(cache.index + jnp.arange(s_new),
+                                                                                    (b, s_new)))
+            k, v = cache.k.astype(dt), cache.v.astype(dt)
         scores = jnp.einsum("bshx,bthx->bhst", q * self.scale, k).astype(jnp.float32)
         if bias is not None:
             scores = scores + bias
@@ -168,7 +178,8 @@ class T5Attention(nnx.Module):
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
         out = jnp.einsum("bhst,bthx->bshx", probs, v)
         y = jnp.einsum("bshx,hxd->bsd", out, self.o[...].astype(dt))
-        return y + self.o_bias[...].astype(dt) if self.use_bias else y
+        y = y + self.o_bias[...].astype(dt) if self.use_bias else y
+        return y if cache is None else (y, cache)
 
 
 class EncDecBlock(nnx.Module):
@@ -186,9 +197,13 @@ class EncDecBlock(nnx.Module):
         self.ffn = MoeLayer(cfg.moe, rngs=rngs) if sparse else Mlp(cfg.d_model, cfg.d_ff, activation=cfg.activation,
                                                                      use_bias=cfg.ffn_bias, **kw)
 
-    def __call__(self, x, *, bias, mask, enc=None, enc_mask=None, padding_mask=None, deterministic=True):
+    def __call__(self, x, *, bias, mask, enc=None, enc_mask=None, padding_mask=None, deterministic=True, cache=None):
+        """Returns ``(x, moe_stats or None, new_cache or None)``."""
         h = self.self_norm(x)
-        x = x + self.self_attn(h, h, bias, mask).astype(x.dtype)
+        a = self.self_attn(h, h, bias, mask, cache=cache)
+        if cache is not None:
+            a, cache = a
+        x = x + a.astype(x.dtype)
         if self.cross_attn is not None:
             x = x + self.cross_attn(self.cross_norm(x), enc, None, enc_mask).astype(x.dtype)
         h = self.ffn_norm(x)
@@ -197,7 +212,7 @@ class EncDecBlock(nnx.Module):
             y, stats = self.ffn(h, padding_mask=padding_mask, deterministic=deterministic)
         else:
             y = self.ffn(h)
-        return x + y.astype(x.dtype), stats
+        return x + y.astype(x.dtype), stats, cache
 
 
 class EncDecPeriod(nnx.Module):
@@ -205,12 +220,14 @@ class EncDecPeriod(nnx.Module):
         p = cfg.period(decoder)
         self.blocks = nnx.List([EncDecBlock(cfg, cfg.is_sparse(j, decoder), decoder, rngs=rngs) for j in range(p)])
 
-    def __call__(self, x, **kw):
+    def __call__(self, x, caches=None, **kw):
         stats = None
-        for block in self.blocks:
-            x, s = block(x, **kw)
+        new = []
+        for j, block in enumerate(self.blocks):
+            x, s, c = block(x, cache=None if caches is None else caches[j], **kw)
             stats = s if s is not None else stats
-        return x, stats
+            new.append(c)
+        return x, stats, (None if caches is None else tuple(new))
 
 
 class Stack(nnx.Module):
@@ -224,21 +241,32 @@ class Stack(nnx.Module):
         self.final_norm = cfg.make_norm()
         self.decoder = decoder
 
-    def __call__(self, x, *, mask, padding_mask, enc=None, enc_mask=None, deterministic=True):
+    def __call__(self, x, *, mask, padding_mask, enc=None, enc_mask=None, deterministic=True, caches=None):
+        """Returns ``(x, stacked MoeStats or None, new caches or None)``. With ``caches`` (decoder
+        only), ``x`` holds the new tokens at positions ``index .. index + s - 1`` and ``mask`` is
+        built here (causal over the cache)."""
         s = x.shape[1]
-        bias = None if self.relpos is None else self.relpos(s, s)
+        if caches is None:
+            q_pos = k_pos = jnp.arange(s)
+        else:
+            start = caches[0].index[0]
+            q_pos = start + jnp.arange(s)
+            k_pos = jnp.arange(caches[0].k.shape[2])
+            mask = (k_pos[None, :] <= q_pos[:, None])[None, None]
+        bias = None if self.relpos is None else self.relpos(q_pos, k_pos)
         graphdef, state = nnx.split(self.stack)
 
-        def body(x, st):
+        def body(x, xs):
+            st, cache_l = xs
             period = nnx.merge(graphdef, st)
-            x, stats = period(x, bias=bias, mask=mask, enc=enc, enc_mask=enc_mask, padding_mask=padding_mask,
-                              deterministic=deterministic)
-            return x, (stats, nnx.state(period, nnx.RngState))
+            x, stats, cache_l = period(x, caches=cache_l, bias=bias, mask=mask, enc=enc, enc_mask=enc_mask,
+                                       padding_mask=padding_mask, deterministic=deterministic)
+            return x, (stats, cache_l, nnx.state(period, nnx.RngState))
 
-        x, (stats, new_rng) = jax.lax.scan(body, x, state)
+        x, (stats, caches, new_rng) = jax.lax.scan(body, x, (state, caches))
         if not deterministic:
             nnx.update(self.stack, new_rng)
-        return self.final_norm(x), stats
+        return self.final_norm(x), stats, caches
 
 
 @struct.dataclass
@@ -274,14 +302,14 @@ class EncoderDecoder(nnx.Module):
             rngs, nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal"),
             (cfg.d_model, cfg.vocab_size), cfg.param_dtype, ("embed", "vocab"))
 
-    def _embed(self, ids, mask):
+    def _embed(self, ids, mask, offset=0):
         cfg = self.cfg
         x = self.embed(ids, cfg.dtype)
         if cfg.embed_scale:
             x = x * jnp.asarray(math.sqrt(cfg.d_model), x.dtype)
         if cfg.positions == "sinusoidal":
             # fairseq position ids: 1-based count of real tokens, offset by the padding id
-            pos = jnp.where(mask, jnp.cumsum(mask, axis=1), 0) + cfg.pad_id
+            pos = jnp.where(mask, jnp.cumsum(mask, axis=1) + offset, 0) + cfg.pad_id
             x = x + sinusoidal_positions(pos, cfg.d_model, cfg.pad_id).astype(x.dtype)
         return x
 
@@ -290,20 +318,34 @@ class EncoderDecoder(nnx.Module):
         b, t = ids.shape
         mask = jnp.ones((b, t), bool) if mask is None else mask.astype(bool)
         x = self._embed(ids, mask)
-        return self.encoder(x, mask=mask[:, None, None, :], padding_mask=mask, deterministic=deterministic)
+        x, stats, _ = self.encoder(x, mask=mask[:, None, None, :], padding_mask=mask, deterministic=deterministic)
+        return x, stats
 
-    def decode(self, enc, enc_mask, ids, mask=None, deterministic=True):
-        """Teacher-forced decoder pass -> ``(logits [b, s, v], decoder MoeStats)``."""
+    def init_cache(self, batch: int, max_length: int) -> tuple:
+        """Empty decoder self-attention caches (one per block of a period, stacked over periods)."""
+        cfg = self.cfg
+        n = cfg.num_decoder_layers // cfg.period(True)
+        one = KVCache.zeros(batch, max_length, cfg.num_heads, cfg.head_dim, cfg.dtype)
+        return tuple(jax.tree.map(lambda z: jnp.broadcast_to(z, (n,) + z.shape), one) for _ in range(cfg.period(True)))
+
+    def decode(self, enc, enc_mask, ids, mask=None, deterministic=True, caches=None):
+        """Teacher-forced decoder pass -> ``(logits [b, s, v], decoder MoeStats)``; with ``caches``
+        (from :meth:`init_cache`) it appends ``ids`` to the cache and returns
+        ``(logits, stats, new_caches)``."""
         b, s = ids.shape
         mask = jnp.ones((b, s), bool) if mask is None else mask.astype(bool)
         causal = jnp.tril(jnp.ones((s, s), bool))[None, None] & mask[:, None, None, :]
-        x = self._embed(ids, mask)
-        x, stats = self.decoder(x, mask=causal, padding_mask=mask, enc=enc, enc_mask=enc_mask[:, None, None, :],
-                                deterministic=deterministic)
+        offset = 0 if caches is None else caches[0].index[0]
+        x = self._embed(ids, mask, offset)
+        x, stats, new_caches = self.decoder(x, mask=causal, padding_mask=mask, enc=enc,
+                                            enc_mask=enc_mask[:, None, None, :], deterministic=deterministic,
+                                            caches=caches)
         if self.lm_head is None:
             logits = self.embed.attend(x * self.cfg.d_model**-0.5 if self.cfg.scale_tied_logits else x)
         else:
             logits = x @ self.lm_head[...].astype(x.dtype)
+        if caches is not None:
+            return logits.astype(jnp.float32), stats, new_caches
         return logits.astype(jnp.float32), stats
 
     def __call__(self, encoder_ids, decoder_ids, *, encoder_mask=None, decoder_mask=None, deterministic=True):

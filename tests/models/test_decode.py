@@ -66,3 +66,21 @@ def test_score_matches_log_softmax():
     logits, _ = model(ids[:, :-1])
     ref = np.sum(np.take_along_axis(np.asarray(jax.nn.log_softmax(logits)), np.asarray(ids[:, 1:, None]), -1), (1, 2))
     np.testing.assert_allclose(s, ref, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["tiny_switch", "tiny_nllb_moe", "tiny_t5"])
+def test_encdec_cached_greedy_equals_uncached(name):
+    from moejax.inference import generate_encdec
+    from moejax.models.params import build_model
+
+    cfg = get_config(name)
+    if cfg.moe is not None:  # routing per decode step must not drop: dropless-equivalent capacity
+        cfg = cfg.replace(moe=cfg.moe.replace(dropless=True))
+    model = build_model(cfg, nnx.Rngs(0))
+    enc = jax.random.randint(jax.random.key(4), (2, 7), 3, cfg.vocab_size)
+    out = generate_encdec(model, enc, 5, start_id=2)
+    dec = jnp.full((2, 1), 2, jnp.int32)
+    for _ in range(5):
+        logits, _ = model(enc, dec)
+        dec = jnp.concatenate([dec, jnp.argmax(logits[:, -1], -1)[:, None].astype(jnp.int32)], axis=1)
+    np.testing.assert_array_equal(out, dec[:, 1:])
