@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 from flax import nnx
 
+from moejax.convert.mapping import WeightReader, load_into
 from moejax.convert.safetensors_io import load_hf_dir, read_hf_config, save_hf_dir
 from moejax.models import Decoder, DecoderConfig
 from moejax.moe import MoeConfig
@@ -72,61 +73,23 @@ def hf_to_state(cfg: DecoderConfig, weights: dict[str, np.ndarray]) -> dict[str,
 
     Raises ValueError listing HF weights that were not used or were missing.
     """
-    used: set[str] = set()
-    missing: list[str] = []
-
-    def get(name):
-        if name not in weights:
-            missing.append(name)
-            return None
-        used.add(name)
-        return np.asarray(weights[name])
-
-    out: dict[str, np.ndarray] = {}
-    out["embed/embedding"] = get("model.embed_tokens.weight")
-    out["norm/scale"] = get("model.norm.weight")
-    if not cfg.tie_embeddings:
-        w = get("lm_head.weight")
+    r = WeightReader(weights)
+    out: dict[str, np.ndarray] = {"embed/embedding": r.get("model.embed_tokens.weight"),
+                                  "norm/scale": r.get("model.norm.weight")}
+    if cfg.tie_embeddings:
+        r.alias("lm_head.weight")  # a tied checkpoint may or may not store the shared copy
+    else:
+        w = r.get("lm_head.weight")
         out["lm_head"] = None if w is None else w.T
-    per_layer: dict[str, list] = {}
     for i in range(cfg.num_layers):
         for path, (name, fn) in _layer_map(cfg, i).items():
-            w = get(name)
-            per_layer.setdefault(path, []).append(None if w is None else fn(w))
+            w = r.get(name)
+            r.push(f"stack/blocks/0/{path}", None if w is None else fn(w))
         if cfg.moe is not None:
             for path, which in (("ffn/experts/wi_0", "w1"), ("ffn/experts/wi_1", "w3"), ("ffn/experts/wo", "w2")):
-                ws = [get(_expert_names(i, e, which)) for e in range(cfg.moe.num_experts)]
-                per_layer.setdefault(path, []).append(None if any(w is None for w in ws) else np.stack([w.T for w in ws]))
-    if cfg.tie_embeddings:
-        used.add("lm_head.weight")  # a tied checkpoint may or may not store the shared copy
-    unused = sorted(set(weights) - used)
-    if missing or unused:
-        raise ValueError(
-            "checkpoint does not match the model config: "
-            + (f"missing {len(missing)} weights: {missing[:8]}{' ...' if len(missing) > 8 else ''}; " if missing else "")
-            + (f"unexpected {len(unused)} weights: {unused[:8]}{' ...' if len(unused) > 8 else ''}" if unused else "")
-        )
-    for path, arrs in per_layer.items():
-        out[f"stack/blocks/0/{path}"] = np.stack(arrs)
-    return out
-
-
-def load_into(model: Decoder, flat: dict[str, np.ndarray]) -> Decoder:
-    """Copy ``flat`` arrays into ``model``'s params (shapes must match exactly)."""
-    state = nnx.state(model, nnx.Param)
-    flat_state = dict(nnx.to_flat_state(state))
-    paths = {"/".join(map(str, p)): p for p in flat_state}
-    extra = sorted(set(flat) - set(paths))
-    absent = sorted(set(paths) - set(flat))
-    if extra or absent:
-        raise ValueError(f"parameter mismatch: not in model {extra}; not in checkpoint {absent}")
-    for name, arr in flat.items():
-        var = flat_state[paths[name]]
-        if tuple(var[...].shape) != tuple(arr.shape):
-            raise ValueError(f"{name}: checkpoint shape {tuple(arr.shape)} != model shape {tuple(var[...].shape)}")
-        var[...] = arr.astype(var[...].dtype)
-    nnx.update(model, state)
-    return model
+                names = [_expert_names(i, e, which) for e in range(cfg.moe.num_experts)]
+                r.push(f"stack/blocks/0/{path}", r.get_stacked(names, lambda w: w.T))
+    return r.finish(out)
 
 
 def from_hf(path: str, *, rngs: nnx.Rngs | None = None, **overrides) -> tuple[Decoder, DecoderConfig]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 from flax import nnx
 
-from moejax.convert.hf_mixtral import load_into
+from moejax.convert.mapping import WeightReader, load_into
 from moejax.convert.safetensors_io import load_hf_dir, read_hf_config
 from moejax.models.encdec import EncDecConfig, EncoderDecoder
 from moejax.moe import MoeConfig
@@ -52,21 +52,12 @@ def config_from_hf(hf: dict, **overrides) -> EncDecConfig:
 
 def hf_to_state(cfg: EncDecConfig, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Flat ``{moejax path: array}``; ValueError lists missing and unexpected HF weights."""
-    used: set[str] = set()
-    missing: list[str] = []
-
-    def get(name):
-        if name not in weights:
-            missing.append(name)
-            return None
-        used.add(name)
-        return np.asarray(weights[name])
-
+    r = WeightReader(weights)
+    get = r.get
     h, x, d = cfg.num_heads, cfg.head_dim, cfg.d_model
     ident = lambda w: w  # noqa: E731
     flat: dict[str, np.ndarray] = {"embed/embedding": get("model.shared.weight")}
-    used.update({"model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight", "lm_head.weight"})
-    stacks: dict[str, list] = {}
+    r.alias("model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight", "lm_head.weight")
     for which, n, dec in (("encoder", cfg.num_encoder_layers, False), ("decoder", cfg.num_decoder_layers, True)):
         p = cfg.period(dec)
         for leaf in ("scale", "bias"):
@@ -94,9 +85,8 @@ def hf_to_state(cfg: EncDecConfig, weights: dict[str, np.ndarray]) -> dict[str, 
                     m["ffn/router/bias"] = (pre + "ffn.router.classifier.bias", ident)
                 for key, name, fn in (("wi", "fc1.weight", lambda w: w.T), ("bi", "fc1.bias", ident),
                                       ("wo", "fc2.weight", lambda w: w.T), ("bo", "fc2.bias", ident)):
-                    ws = [get(f"{pre}ffn.experts.expert_{e}.{name}") for e in range(cfg.moe.num_experts)]
-                    stacks.setdefault(f"{base}ffn/experts/{key}", []).append(
-                        None if any(w is None for w in ws) else np.stack([fn(w) for w in ws]))
+                    names = [f"{pre}ffn.experts.expert_{e}.{name}" for e in range(cfg.moe.num_experts)]
+                    r.push(f"{base}ffn/experts/{key}", r.get_stacked(names, fn))
             else:
                 m["ffn/wi"] = (pre + "ffn.fc1.weight", lambda w: w.T)
                 m["ffn/bi"] = (pre + "ffn.fc1.bias", ident)
@@ -104,16 +94,8 @@ def hf_to_state(cfg: EncDecConfig, weights: dict[str, np.ndarray]) -> dict[str, 
                 m["ffn/bo"] = (pre + "ffn.fc2.bias", ident)
             for path, (name, fn) in m.items():
                 w = get(name)
-                stacks.setdefault(base + path, []).append(None if w is None else fn(w))
-    unused = sorted(set(weights) - used)
-    if missing or unused:
-        raise ValueError(
-            "checkpoint does not match the model config: "
-            + (f"missing {len(missing)} weights: {missing[:8]}{' ...' if len(missing) > 8 else ''}; " if missing else "")
-            + (f"unexpected {len(unused)} weights: {unused[:8]}{' ...' if len(unused) > 8 else ''}" if unused else ""))
-    for path, arrs in stacks.items():
-        flat[path] = np.stack(arrs)
-    return flat
+                r.push(base + path, None if w is None else fn(w))
+    return r.finish(flat)
 
 
 def from_hf(path: str, *, rngs: nnx.Rngs | None = None, **overrides) -> tuple[EncoderDecoder, EncDecConfig]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 from flax import nnx
 
-from moejax.convert.hf_mixtral import load_into
+from moejax.convert.mapping import WeightReader, load_into
 from moejax.convert.safetensors_io import load_hf_dir, read_hf_config
 from moejax.models.encdec import EncDecConfig, EncoderDecoder
 from moejax.moe import MoeConfig
@@ -58,16 +58,8 @@ def config_from_hf(hf: dict, **overrides) -> EncDecConfig:
 
 def hf_to_state(cfg: EncDecConfig, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Flat ``{moejax path: array}``; ValueError lists missing and unexpected HF weights."""
-    used: set[str] = set()
-    missing: list[str] = []
-
-    def get(name):
-        if name not in weights:
-            missing.append(name)
-            return None
-        used.add(name)
-        return np.asarray(weights[name])
-
+    r = WeightReader(weights)
+    get = r.get
     h, x, d = cfg.num_heads, cfg.head_dim, cfg.d_model
     qkv = lambda w: w.T.reshape(d, h, x)  # noqa: E731
     out_proj = lambda w: w.T.reshape(h, x, d)  # noqa: E731
@@ -75,10 +67,9 @@ def hf_to_state(cfg: EncDecConfig, weights: dict[str, np.ndarray]) -> dict[str, 
     if not cfg.tie_embeddings:
         w = get("lm_head.weight")
         flat["lm_head"] = None if w is None else w.T
-    for alias in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight") + (
-            ("lm_head.weight",) if cfg.tie_embeddings else ()):
-        used.add(alias)  # tied copies of shared.weight, stored or not
-    stacks: dict[str, list] = {}
+    # tied copies of shared.weight, stored or not
+    r.alias("encoder.embed_tokens.weight", "decoder.embed_tokens.weight",
+            *(("lm_head.weight",) if cfg.tie_embeddings else ()))
     for which, n, dec in (("encoder", cfg.num_encoder_layers, False), ("decoder", cfg.num_decoder_layers, True)):
         p = cfg.period(dec)
         flat[f"{which}/relpos/embedding"] = get(f"{which}.block.0.layer.0.SelfAttention.relative_attention_bias.weight")
@@ -108,24 +99,15 @@ def hf_to_state(cfg: EncDecConfig, weights: dict[str, np.ndarray]) -> dict[str, 
                 if cfg.moe.router_bias:
                     m["ffn/router/bias"] = (pre + f"{ff}.mlp.router.classifier.bias", lambda w: w)
                 for key, hf_name in (("ffn/experts/wi", "wi"), ("ffn/experts/wo", "wo")):
-                    ws = [get(pre + f"{ff}.mlp.experts.expert_{e}.{hf_name}.weight") for e in range(cfg.moe.num_experts)]
-                    stacks.setdefault(base + key, []).append(
-                        None if any(w is None for w in ws) else np.stack([w.T for w in ws]))
+                    names = [pre + f"{ff}.mlp.experts.expert_{e}.{hf_name}.weight" for e in range(cfg.moe.num_experts)]
+                    r.push(base + key, r.get_stacked(names, lambda w: w.T))
             else:
                 m["ffn/wi"] = (pre + f"{ff}.mlp.wi.weight", lambda w: w.T)
                 m["ffn/wo"] = (pre + f"{ff}.mlp.wo.weight", lambda w: w.T)
             for path, (name, fn) in m.items():
                 w = get(name)
-                stacks.setdefault(base + path, []).append(None if w is None else fn(w))
-    unused = sorted(set(weights) - used)
-    if missing or unused:
-        raise ValueError(
-            "checkpoint does not match the model config: "
-            + (f"missing {len(missing)} weights: {missing[:8]}{' ...' if len(missing) > 8 else ''}; " if missing else "")
-            + (f"unexpected {len(unused)} weights: {unused[:8]}{' ...' if len(unused) > 8 else ''}" if unused else ""))
-    for path, arrs in stacks.items():
-        flat[path] = np.stack(arrs)
-    return flat
+                r.push(base + path, None if w is None else fn(w))
+    return r.finish(flat)
 
 
 def from_hf(path: str, *, rngs: nnx.Rngs | None = None, **overrides) -> tuple[EncoderDecoder, EncDecConfig]:

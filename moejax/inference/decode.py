@@ -25,6 +25,16 @@ def _sample(logits: jax.Array, rng: jax.Array, temperature: float, top_p: float)
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
+def _check_args(max_new_tokens, temperature, top_p, rng):
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1; got temperature={temperature}, top_p={top_p}")
+    if temperature > 0 and rng is None:
+        raise ValueError("sampling (temperature > 0) needs an rng key")
+    return jax.random.key(0) if rng is None else rng
+
+
 def generate(model, prompt: jax.Array, max_new_tokens: int, *, temperature: float = 0.0, top_p: float = 1.0,
              rng: jax.Array | None = None, prompt_mask: jax.Array | None = None) -> jax.Array:
     """Decode ``max_new_tokens`` after ``prompt [b, p]`` -> ``[b, p + n]`` int32.
@@ -35,13 +45,7 @@ def generate(model, prompt: jax.Array, max_new_tokens: int, *, temperature: floa
     (left padding). MoE layers route each step's tokens as their own group, so capacity-limited
     (non-dropless) models may drop differently than in a full-sequence pass.
     """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1; got temperature={temperature}, top_p={top_p}")
-    if temperature > 0 and rng is None:
-        raise ValueError("sampling (temperature > 0) needs an rng key")
-    rng = jax.random.key(0) if rng is None else rng
+    rng = _check_args(max_new_tokens, temperature, top_p, rng)
     b, p = prompt.shape
     mask = jnp.ones((b, p), bool) if prompt_mask is None else prompt_mask.astype(bool)
     graphdef, state = nnx.split(model)
@@ -78,11 +82,7 @@ def generate_encdec(model, encoder_ids: jax.Array, max_new_tokens: int, *, start
     """Encoder-decoder decoding: encode once, then cached single-token decoder steps in a
     ``lax.scan``, starting from ``start_id`` (T5: 0, NLLB: eos=2). Returns ``[b, n]`` int32 (the
     start token excluded). Same sampling options as :func:`generate`."""
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature > 0 and rng is None:
-        raise ValueError("sampling (temperature > 0) needs an rng key")
-    rng = jax.random.key(0) if rng is None else rng
+    rng = _check_args(max_new_tokens, temperature, top_p, rng)
     b, t = encoder_ids.shape
     emask = jnp.ones((b, t), bool) if encoder_mask is None else encoder_mask.astype(bool)
     graphdef, state = nnx.split(model)
