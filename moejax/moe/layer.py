@@ -33,7 +33,10 @@ class MoeStats:
     them), ``tokens_dropped_fraction``, ``dropped_by_position [s]`` (fraction of routed assignments
     dropped at each sequence position; for expert choice, fraction of tokens no expert took),
     ``expert_load [e]`` (fraction of kept assignments per expert), ``router_confidence`` (mean top-1
-    probability), ``router_entropy`` (mean entropy of the router distribution, nats), and
+    probability), ``router_entropy`` (mean entropy of the router distribution, nats),
+    ``selection_fraction [e]`` (f_e: top-k selections per non-padding token, before capacity; sums
+    to k) and ``router_prob_mean [e]`` (P_e: mean router probability) — the two factors of the
+    load-balancing loss, so other conventions (e.g. HF's pooled over layers) can be rebuilt — and
     ``capacity`` (slots per expert and group, static).
     """
 
@@ -50,6 +53,8 @@ class MoeStats:
     expert_load: jax.Array
     router_confidence: jax.Array
     router_entropy: jax.Array
+    selection_fraction: jax.Array
+    router_prob_mean: jax.Array
     capacity: int = struct.field(pytree_node=False, default=0)
 
 
@@ -284,6 +289,7 @@ class MoeLayer(nnx.Module):
         load = jnp.sum(jax.nn.one_hot(plan.expert, e, dtype=jnp.float32) * plan.kept[..., None], axis=(0, 1))
         load = load / jnp.maximum(jnp.sum(load), 1.0)
         m = mask.astype(jnp.float32)
+        sel = jnp.sum(jax.nn.one_hot(plan.selected, e, dtype=jnp.float32), axis=2)  # [g, t, e]
         ent = -jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-30)), axis=-1)
         return MoeStats(
             load_balancing_loss=lb,
@@ -299,5 +305,7 @@ class MoeLayer(nnx.Module):
             expert_load=load,
             router_confidence=jnp.sum(jnp.max(probs, axis=-1) * m) / num_real,
             router_entropy=jnp.sum(ent * m) / num_real,
+            selection_fraction=jnp.sum(sel * m[..., None], axis=(0, 1)) / num_real,
+            router_prob_mean=jnp.sum(probs * m[..., None], axis=(0, 1)) / num_real,
             capacity=plan.capacity,
         )

@@ -99,3 +99,19 @@ def test_convert_cli_writes_orbax_checkpoint(tmp_path):
     model = checkpoint.restore(str(tmp_path / "ck"))
     logits, _ = model(jnp.asarray(IDS))
     np.testing.assert_allclose(np.asarray(logits), hf_logits(hf, IDS), atol=1e-4, rtol=1e-4)
+
+
+def test_mixtral_aux_loss_matches_hf(tmp_path):
+    from moejax.convert.hf_losses import mixtral_aux_loss
+
+    hf = tiny_mixtral()
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    model, _ = from_hf(str(tmp_path))
+    _, aux = model(jnp.asarray(IDS))
+    with torch.no_grad():
+        out = hf(input_ids=torch.tensor(IDS), output_router_logits=True)
+    np.testing.assert_allclose(float(mixtral_aux_loss(aux.moe)), float(out.aux_loss), rtol=1e-5)
+    # router logits: the per-layer z-loss equals logsumexp^2 of HF's router logits
+    for layer, logits in enumerate(out.router_logits):
+        z = torch.logsumexp(logits.float(), -1).pow(2).mean().item()
+        np.testing.assert_allclose(float(aux.moe.router_z_loss[layer]), z, rtol=1e-5)

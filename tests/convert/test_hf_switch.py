@@ -66,3 +66,16 @@ def test_switch_wrong_checkpoint(tmp_path):
     hf.save_pretrained(tmp_path, safe_serialization=True)
     with pytest.raises(ValueError, match="missing .* weights"):
         from_hf(str(tmp_path), num_encoder_layers=6)
+
+
+def test_switch_router_z_loss_matches_hf(tmp_path):
+    from moejax.convert.hf_losses import switch_z_loss
+
+    hf = tiny_switch()
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    model, _ = from_hf(str(tmp_path))
+    _, aux = model(jnp.asarray(ENC), jnp.asarray(DEC))
+    with torch.no_grad():
+        out = hf(input_ids=torch.tensor(ENC), decoder_input_ids=torch.tensor(DEC), output_router_logits=True)
+    np.testing.assert_allclose(float(switch_z_loss(aux.encoder)), float(out.encoder_z_loss), rtol=1e-5)
+    np.testing.assert_allclose(float(switch_z_loss(aux.decoder)), float(out.decoder_z_loss), rtol=1e-5)
