@@ -25,6 +25,11 @@ def config_from_hf(hf: dict, **overrides) -> DecoderConfig:
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED:
         raise ValueError(f"config.json has model_type={model_type!r}; this converter reads {', '.join(SUPPORTED)}")
+    unsupported = {k: hf[k] for k in ("rope_scaling", "attention_bias", "mlp_bias") if hf.get(k)}
+    if hf.get("hidden_act", "silu") != "silu":
+        unsupported["hidden_act"] = hf["hidden_act"]
+    if unsupported:
+        raise ValueError(f"config.json uses features this converter does not implement: {unsupported}")
     d = hf["hidden_size"]
     heads = hf["num_attention_heads"]
     head_dim = hf.get("head_dim") or d // heads

@@ -115,3 +115,15 @@ def test_mixtral_aux_loss_matches_hf(tmp_path):
     for layer, logits in enumerate(out.router_logits):
         z = torch.logsumexp(logits.float(), -1).pow(2).mean().item()
         np.testing.assert_allclose(float(aux.moe.router_z_loss[layer]), z, rtol=1e-5)
+
+
+def test_unsupported_config_features_are_refused():
+    from moejax.convert.hf_mixtral import config_from_hf
+
+    base = dict(model_type="llama", hidden_size=32, num_attention_heads=4, num_hidden_layers=1, vocab_size=8,
+                intermediate_size=16)
+    with pytest.raises(ValueError, match="rope_scaling"):
+        config_from_hf({**base, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}})
+    with pytest.raises(ValueError, match="attention_bias"):
+        config_from_hf({**base, "attention_bias": True})
+    assert config_from_hf({**base, "rope_scaling": None}).num_kv_heads == 4
