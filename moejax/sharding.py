@@ -205,3 +205,27 @@ def make_mesh(shape: dict[str, int] | Sequence[tuple[str, int]], devices: Sequen
             f"mesh {dict(items)} needs {math.prod(sizes)} devices but {len(devices)} are available"
         )
     return Mesh(np.asarray(devices).reshape(sizes), names)
+
+
+def stack_modules(factory: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs, axis_name: str,
+                  rename: dict[str, str] | None = None) -> nnx.Module:
+    """``n`` copies of ``factory(rngs)`` with params stacked on a new leading ``axis_name`` axis.
+
+    The logical axes of every variable get ``axis_name`` prepended (after renaming any axis listed
+    in ``rename``, e.g. an inner ``expert`` axis that must not reuse the outer one's mesh axis).
+    Each copy owns RNG state seeded from its split ``params`` key, stacked with it.
+    """
+
+    @nnx.split_rngs(splits=n)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(r):
+        return factory(nnx.Rngs(r.params()))
+
+    stacked = make(rngs)
+    rename = rename or {}
+    for _, var in nnx.iter_graph(stacked):
+        if isinstance(var, nnx.Variable):
+            axes = var.get_metadata().get("logical_axes")
+            if axes is not None:
+                var.set_metadata("logical_axes", (axis_name,) + tuple(rename.get(a, a) for a in axes))
+    return stacked

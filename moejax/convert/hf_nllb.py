@@ -60,8 +60,8 @@ def hf_to_state(cfg: EncDecConfig, weights: dict[str, np.ndarray]) -> dict[str, 
     r.alias("model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight", "lm_head.weight")
     for which, n, dec in (("encoder", cfg.num_encoder_layers, False), ("decoder", cfg.num_decoder_layers, True)):
         p = cfg.period(dec)
-        for leaf in ("scale", "bias"):
-            flat[f"{which}/final_norm/{leaf}"] = get(f"model.{which}.layer_norm.{'weight' if leaf == 'scale' else 'bias'}")
+        for leaf, hf_leaf in (("scale", "weight"), ("bias", "bias")):
+            flat[f"{which}/final_norm/{leaf}"] = get(f"model.{which}.layer_norm.{hf_leaf}")
         for i in range(n):
             pre = f"model.{which}.layers.{i}."
             base = f"{which}/stack/blocks/{i % p}/"

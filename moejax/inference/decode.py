@@ -70,7 +70,7 @@ def generate(model, prompt: jax.Array, max_new_tokens: int, *, temperature: floa
             return (nxt, caches, position + 1, rng), tok
 
         (last, _, _, _), toks = jax.lax.scan(step, (first, caches, next_pos, rng), None, length=max_new_tokens - 1)
-        new = jnp.concatenate([jnp.swapaxes(toks, 0, 1), last[:, None]], axis=1) if max_new_tokens > 1 else last[:, None]
+        new = jnp.concatenate([jnp.swapaxes(toks, 0, 1), last[:, None]], axis=1)  # toks is [0, b] when n == 1
         return jnp.concatenate([prompt.astype(jnp.int32), new], axis=1)
 
     return run(state, prompt, mask, rng)

@@ -12,6 +12,7 @@ from flax import nnx, struct
 from moejax.models.config import DecoderConfig
 from moejax.models.layers import Attention, Embed, KVCache, Mlp, RMSNorm
 from moejax.moe import MoeLayer, MoeStats
+from moejax.sharding import stack_modules
 
 
 @struct.dataclass
@@ -84,24 +85,24 @@ class Period(nnx.Module):
         return x, stats, (None if caches is None else tuple(new))
 
 
-def stack_modules(factory, n: int, rngs: nnx.Rngs, axis_name: str = "layers"):
-    """``n`` copies of ``factory(rngs)`` with params stacked on a new leading ``axis_name`` axis.
+def scan_periods(stack: nnx.Module, x: jax.Array, caches, deterministic: bool, **kw):
+    """Apply stacked periods with ``jax.lax.scan``: ``(x, stacked stats, new caches)``.
 
-    Each copy owns RNG state seeded from its split ``params`` key (stacked with it).
+    ``caches`` (or None) are scanned alongside the params; the periods' advanced RNG state is
+    written back in training.
     """
+    graphdef, state = nnx.split(stack)
 
-    @nnx.split_rngs(splits=n)
-    @nnx.vmap(in_axes=(0,), out_axes=0)
-    def make(r):
-        return factory(nnx.Rngs(r.params()))
+    def body(x, xs):
+        st, cache_l = xs
+        period = nnx.merge(graphdef, st)
+        x, stats, cache_l = period(x, caches=cache_l, deterministic=deterministic, **kw)
+        return x, (stats, cache_l, nnx.state(period, nnx.RngState))
 
-    stacked = make(rngs)
-    for _, var in nnx.iter_graph(stacked):
-        if isinstance(var, nnx.Variable):
-            axes = var.get_metadata().get("logical_axes")
-            if axes is not None:
-                var.set_metadata("logical_axes", (axis_name,) + tuple(axes))
-    return stacked
+    x, (stats, caches, new_rng) = jax.lax.scan(body, x, (state, caches))
+    if not deterministic:
+        nnx.update(stack, new_rng)
+    return x, stats, caches
 
 
 class Decoder(nnx.Module):
@@ -115,7 +116,7 @@ class Decoder(nnx.Module):
         cfg.validate()
         self.cfg = cfg
         self.embed = Embed(cfg.vocab_size, cfg.d_model, param_dtype=cfg.param_dtype, rngs=rngs)
-        self.stack = stack_modules(lambda r: Period(cfg, rngs=r), cfg.num_layers // cfg.period, rngs)
+        self.stack = stack_modules(lambda r: Period(cfg, rngs=r), cfg.num_layers // cfg.period, rngs, "layers")
         self.norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
         self.lm_head = None if cfg.tie_embeddings else nnx.Param(
             nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")(
@@ -147,18 +148,8 @@ class Decoder(nnx.Module):
             start = 0 if caches is None else caches[0].index[0]
             positions = jnp.broadcast_to(start + jnp.arange(s, dtype=jnp.int32), (b, s))
         x = self.embed(ids, cfg.dtype)
-        graphdef, state = nnx.split(self.stack)
-
-        def body(x, xs):
-            st, cache_l = xs
-            period = nnx.merge(graphdef, st)
-            x, stats, cache_l = period(x, positions=positions, padding_mask=padding_mask, deterministic=deterministic,
-                                       caches=cache_l)
-            return x, (stats, cache_l, nnx.state(period, nnx.RngState))
-
-        x, (stats, caches, new_rng) = jax.lax.scan(body, x, (state, caches))
-        if not deterministic:
-            nnx.update(self.stack, new_rng)
+        x, stats, caches = scan_periods(self.stack, x, caches, deterministic, positions=positions,
+                                        padding_mask=padding_mask)
         x = self.norm(x)
         if self.lm_head is None:
             logits = self.embed.attend(x)

@@ -18,9 +18,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from moejax.models.decoder import stack_modules
+from moejax.models.decoder import scan_periods
 from moejax.models.layers import Embed, KVCache, LayerNorm, Mlp, RMSNorm, _param, sinusoidal_positions
 from moejax.moe import MoeConfig, MoeLayer, MoeStats
+from moejax.sharding import stack_modules
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,7 +238,8 @@ class Stack(nnx.Module):
         layers = cfg.num_decoder_layers if decoder else cfg.num_encoder_layers
         self.relpos = RelativeBias(cfg.relpos_buckets, cfg.num_heads, cfg.relpos_max_distance, not decoder,
                                    param_dtype=cfg.param_dtype, rngs=rngs) if cfg.positions == "relative" else None
-        self.stack = stack_modules(lambda r: EncDecPeriod(cfg, decoder, rngs=r), layers // cfg.period(decoder), rngs)
+        self.stack = stack_modules(lambda r: EncDecPeriod(cfg, decoder, rngs=r), layers // cfg.period(decoder),
+                                   rngs, "layers")
         self.final_norm = cfg.make_norm()
         self.decoder = decoder
 
@@ -254,18 +256,8 @@ class Stack(nnx.Module):
             k_pos = jnp.arange(caches[0].k.shape[2])
             mask = (k_pos[None, :] <= q_pos[:, None])[None, None]
         bias = None if self.relpos is None else self.relpos(q_pos, k_pos)
-        graphdef, state = nnx.split(self.stack)
-
-        def body(x, xs):
-            st, cache_l = xs
-            period = nnx.merge(graphdef, st)
-            x, stats, cache_l = period(x, caches=cache_l, bias=bias, mask=mask, enc=enc, enc_mask=enc_mask,
-                                       padding_mask=padding_mask, deterministic=deterministic)
-            return x, (stats, cache_l, nnx.state(period, nnx.RngState))
-
-        x, (stats, caches, new_rng) = jax.lax.scan(body, x, (state, caches))
-        if not deterministic:
-            nnx.update(self.stack, new_rng)
+        x, stats, caches = scan_periods(self.stack, x, caches, deterministic, bias=bias, mask=mask, enc=enc,
+                                        enc_mask=enc_mask, padding_mask=padding_mask)
         return self.final_norm(x), stats, caches
 
 

@@ -138,14 +138,6 @@ def bytes_per_device(model: nnx.Module, mesh_shape: dict[str, int], rules: Rules
 
 def report(cfg_or_factory: Any) -> ParamReport:
     """Count a registered config (or a module factory) abstractly."""
-    from moejax.models.config import DecoderConfig
-    from moejax.models.decoder import Decoder
-    from moejax.models.encdec import EncDecConfig, EncoderDecoder
-
-    if isinstance(cfg_or_factory, DecoderConfig):
-        factory = lambda: Decoder(cfg_or_factory, rngs=nnx.Rngs(0))  # noqa: E731
-    elif isinstance(cfg_or_factory, EncDecConfig):
-        factory = lambda: EncoderDecoder(cfg_or_factory, rngs=nnx.Rngs(0))  # noqa: E731
-    else:
-        factory = cfg_or_factory
-    return count(abstract_model(factory))
+    if callable(cfg_or_factory):
+        return count(abstract_model(cfg_or_factory))
+    return count(abstract_model(lambda: build_model(cfg_or_factory)))

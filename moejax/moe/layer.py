@@ -16,7 +16,7 @@ from moejax.moe.config import MoeConfig
 from moejax.moe.dispatch import BACKENDS
 from moejax.moe.experts import DenseFFN, Experts
 from moejax.moe.routing import Router, RoutingPlan, expert_choice_route, top_k_route
-from moejax.sharding import constrain, current_mesh_axis_size
+from moejax.sharding import constrain, current_mesh_axis_size, stack_modules
 
 
 @struct.dataclass
@@ -58,25 +58,6 @@ class MoeStats:
     capacity: int = struct.field(pytree_node=False, default=0)
 
 
-def _stack_inner(cfg: MoeConfig, n: int, rngs: nnx.Rngs) -> "MoeLayer":
-    """``n`` inner MoE layers with params stacked on a leading ``expert`` axis."""
-
-    @nnx.split_rngs(splits=n)
-    @nnx.vmap(in_axes=(0,), out_axes=0)
-    def make(r):
-        # Each inner layer owns its RNG state (stacked with it), seeded from its split params key.
-        return MoeLayer(cfg, rngs=nnx.Rngs(r.params()))
-
-    stacked = make(rngs)
-    for _, var in nnx.iter_graph(stacked):
-        if isinstance(var, nnx.Variable):
-            axes = var.get_metadata().get("logical_axes")
-            if axes is not None:
-                inner = tuple("expert_inner" if a == "expert" else a for a in axes)
-                var.set_metadata("logical_axes", ("expert",) + inner)
-    return stacked
-
-
 class MoeLayer(nnx.Module):
     """A Mixture-of-Experts FFN layer with static-shape capacity buckets.
 
@@ -109,7 +90,8 @@ class MoeLayer(nnx.Module):
         if cfg.inner is not None:
             if cfg.backend == "ragged":
                 raise ValueError("hierarchical experts (inner MoE) need backend 'gather' or 'einsum', not 'ragged'")
-            self.experts = _stack_inner(cfg.inner, cfg.num_experts, rngs)
+            self.experts = stack_modules(lambda r: MoeLayer(cfg.inner, rngs=r), cfg.num_experts, rngs, "expert",
+                                         rename={"expert": "expert_inner"})
         else:
             self.experts = Experts(cfg.num_experts, cfg.d_model, cfg.d_ff, activation=cfg.activation,
                                    use_bias=cfg.use_bias, dropout=cfg.expert_dropout, dtype=cfg.dtype,
@@ -168,28 +150,21 @@ class MoeLayer(nnx.Module):
             extra["importance_loss"] = losses.importance_loss(dense, mask)
         return plan, logits, probs, extra
 
-    def _expert_fn(self, deterministic, rngs):
-        cfg = self.cfg
-        if cfg.inner is not None:
-            def run(buf, slot_mask):
-                # buf [e, g, c, d]: each outer expert routes its buffer as a batch of g rows of c
-                # slots (empty slots are padding). Functional vmap over the stacked inner state.
-                graphdef, state = nnx.split(self.experts)
+    def _run_inner(self, buf, slot_mask, deterministic):
+        """Hierarchical experts: ``buf [e, g, c, d]``; each outer expert routes its buffer as a batch
+        of ``g`` rows of ``c`` slots (empty slots are padding) through its own inner MoE layer
+        (functional vmap over the stacked inner state). Returns ``(out, stacked inner MoeStats)``."""
+        graphdef, state = nnx.split(self.experts)
 
-                def one(st, xb, mb):
-                    inner_layer = nnx.merge(graphdef, st)
-                    out, stats = inner_layer(xb, padding_mask=mb, deterministic=deterministic)
-                    return out, stats, nnx.state(inner_layer, nnx.RngState)
+        def one(st, xb, mb):
+            inner_layer = nnx.merge(graphdef, st)
+            out, stats = inner_layer(xb, padding_mask=mb, deterministic=deterministic)
+            return out, stats, nnx.state(inner_layer, nnx.RngState)
 
-                out, stats, new_rng = jax.vmap(one)(state, buf, slot_mask)
-                if not deterministic:  # persist the inner layers' advanced RNG counters
-                    nnx.update(self.experts, new_rng)
-                return out, stats
-            return run
-
-        def run(buf, slot_mask=None):
-            return self._eom(self.experts(buf, deterministic=deterministic, rngs=rngs), deterministic, rngs)
-        return run
+        out, stats, new_rng = jax.vmap(one)(state, buf, slot_mask)
+        if not deterministic:  # persist the inner layers' advanced RNG counters
+            nnx.update(self.experts, new_rng)
+        return out, stats
 
     def _eom(self, out, deterministic, rngs):
         """NLLB expert output masking (see MoeConfig.eom_rate)."""
@@ -231,15 +206,15 @@ class MoeLayer(nnx.Module):
 
         plan, logits, probs, extra = self._route(xg, mask, deterministic, rngs)
 
-        run = self._expert_fn(deterministic, rngs)
-        inner_stats = None
-        if cfg.inner is not None:
-            def expert_call(buf, slot_mask):
-                nonlocal inner_stats
-                out, inner_stats = run(buf, slot_mask)
+        inner_stats = []  # filled by the hierarchical expert call
+
+        def expert_call(buf, slot_mask):
+            if cfg.inner is not None:
+                out, st = self._run_inner(buf, slot_mask, deterministic)
+                inner_stats.append(st)
                 return out
-        else:
-            expert_call = run
+            return self._eom(self.experts(buf, deterministic=deterministic, rngs=rngs), deterministic, rngs)
+
         if cfg.backend == "ragged":
             def ragged_fn(xs, gs):
                 return self._eom(self.experts.ragged(xs, gs, deterministic=deterministic, rngs=rngs),
@@ -252,7 +227,8 @@ class MoeLayer(nnx.Module):
             y = y + self.shared(x.astype(cfg.dtype)).astype(y.dtype)
         y = y.astype(x.dtype)
         stats = self._stats(plan, logits, probs, mask, extra, s)
-        if inner_stats is not None:
+        if inner_stats:
+            inner_stats = inner_stats[0]
             stats = stats.replace(
                 load_balancing_loss=stats.load_balancing_loss + jnp.mean(inner_stats.load_balancing_loss),
                 router_z_loss=stats.router_z_loss + jnp.mean(inner_stats.router_z_loss),

@@ -164,7 +164,6 @@ def test_round_robin_router(backend):
                                min_capacity=1, backend=backend), rngs=nnx.Rngs(0))
     layer.router.kernel[...] = 20.0 * jnp.eye(e)
     x = jax.nn.one_hot(jnp.arange(t) % e, e)[None]  # [1, t, e]
-    plan_probe = []
     y, stats = layer(x, deterministic=True)
     np.testing.assert_allclose(stats.expert_load, np.full(e, 1 / e), rtol=1e-6)
     assert int(stats.num_dropped) == 0 and stats.capacity == t // e
@@ -175,7 +174,6 @@ def test_round_robin_router(backend):
         direct = jax.nn.relu(x[0, i] @ layer.experts.wi[...][ex]) @ layer.experts.wo[...][ex]
         gate = jax.nn.softmax(x[0, i] @ layer.router.kernel[...])[ex]
         np.testing.assert_allclose(y[0, i], gate * direct, rtol=1e-5, atol=1e-6)
-    del plan_probe
 
 
 def test_dropped_by_position_counts():
