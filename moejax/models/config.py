@@ -16,7 +16,8 @@ class DecoderConfig:
 
     Layout: with ``moe`` set, block ``i`` is sparse when ``(i + 1) % moe_every == 0``
     (``moe_every=1``: every block, Mixtral). ``moe_extra_mlp`` adds OpenMoE's residual dense MLP
-    after each MoE FFN. Layers are stacked in periods of ``moe_every`` blocks and scanned, so
+    after each MoE FFN. ``attn_scale`` multiplies the attention scores (None: ``head_dim**-0.5``;
+    OpenMoE, trained in T5X with the scale folded into the query init, uses 1.0). Layers are stacked in periods of ``moe_every`` blocks and scanned, so
     compile time does not grow with depth; ``num_layers`` must be a multiple of ``moe_every``.
     """
 
@@ -31,6 +32,7 @@ class DecoderConfig:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     sliding_window: int | None = None
+    attn_scale: float | None = None
     tie_embeddings: bool = False
     moe: MoeConfig | None = None
     moe_every: int = 1

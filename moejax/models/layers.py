@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from moejax.moe.experts import activation_fn
+from moejax.moe.experts import activation_fn, gate_width
 
 
 def _param(rngs, init, shape, dtype, axes):
@@ -96,12 +96,13 @@ class Attention(nnx.Module):
 
     Params: ``q [d, h, x]``, ``k``/``v [d, k, x]``, ``o [h, x, d]`` (logical
     ``('embed', 'heads', 'kv')`` / ``('heads', 'kv', 'embed')``), optional biases. Scores are
-    scaled by ``x^-0.5`` and soft-maxed in float32.
+    scaled by ``scale`` (default ``x^-0.5``; T5X-trained models such as OpenMoE use 1.0) and
+    soft-maxed in float32.
     """
 
     def __init__(self, d: int, num_heads: int, num_kv_heads: int, head_dim: int, *, use_bias: bool = False,
-                 rope_theta: float | None = 10000.0, sliding_window: int | None = None, dtype=jnp.float32,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 rope_theta: float | None = 10000.0, sliding_window: int | None = None, scale: float | None = None,
+                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}")
         init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=0, out_axis=(1, 2))
@@ -119,6 +120,7 @@ class Attention(nnx.Module):
             self.o_bias = _param(rngs, z, (d,), param_dtype, ("embed",))
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.rope_theta, self.sliding_window, self.dtype = rope_theta, sliding_window, dtype
+        self.scale = head_dim**-0.5 if scale is None else float(scale)
 
     def __call__(self, x: jax.Array, *, positions: jax.Array, padding_mask: jax.Array | None = None,
                  causal: bool = True, cache: "KVCache | None" = None):
@@ -145,7 +147,7 @@ class Attention(nnx.Module):
             k, v, key_valid, kpos = cache.k.astype(dt), cache.v.astype(dt), cache.valid, cache.pos
         groups = self.num_heads // self.num_kv_heads
         q = q.reshape(b, s, self.num_kv_heads, groups, self.head_dim)
-        scores = jnp.einsum("bskgx,btkx->bkgst", q, k).astype(jnp.float32) * self.head_dim**-0.5
+        scores = jnp.einsum("bskgx,btkx->bkgst", q, k).astype(jnp.float32) * self.scale
         qp, kp = positions[:, :, None], kpos[:, None, :]
         mask = key_valid[:, None, :]
         if causal:
@@ -199,7 +201,7 @@ class Mlp(nnx.Module):
         self.act, self.gated = activation_fn(activation)
         init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
         if self.gated:
-            self.wi_0 = _param(rngs, init, (d, f), param_dtype, ("embed", "mlp"))
+            self.wi_0 = _param(rngs, init, (d, f * gate_width(activation)), param_dtype, ("embed", "mlp"))
             self.wi_1 = _param(rngs, init, (d, f), param_dtype, ("embed", "mlp"))
         else:
             self.wi = _param(rngs, init, (d, f), param_dtype, ("embed", "mlp"))

@@ -27,6 +27,17 @@ def _llama(d, f, layers, heads, kv, vocab, eps=1e-5, theta=1e4) -> DecoderConfig
                          head_dim=d // heads, d_ff=f, norm_eps=eps, rope_theta=theta)
 
 
+def _openmoe(d, f, layers, heads, head_dim, experts, every, vocab=256384) -> DecoderConfig:
+    # ColossalAI / T5X OpenMoE: top-2 with raw softmax gates, capacity 1.25 / 2.0 (min 4), tokens
+    # dropped; T5X split SwiGLU (wi_0 is 2f wide); unscaled attention; untied lm_head; RMSNorm 1e-6.
+    act = "split-swiglu"
+    moe = MoeConfig(num_experts=experts, d_model=d, d_ff=f, top_k=2, weight_norm="none", capacity_factor_train=1.25,
+                    capacity_factor_eval=2.0, min_capacity=4, activation=act)
+    return DecoderConfig(vocab_size=vocab, d_model=d, num_layers=layers, num_heads=heads, num_kv_heads=heads,
+                         head_dim=head_dim, d_ff=f, activation=act, norm_eps=1e-6, rope_theta=1e4, attn_scale=1.0,
+                         moe=moe, moe_every=every, moe_extra_mlp=True)
+
+
 def _t5(d, f, heads, layers, dec_layers=None, experts=0, every=2, act="relu", group=8192, cf_train=1.25,
         cf_eval=2.0, min_cap=4, head_dim=64, vocab=32128, tied=True) -> EncDecConfig:
     moe = None
@@ -74,7 +85,12 @@ REGISTRY: dict[str, Callable[[], DecoderConfig | EncDecConfig]] = {
     "llama_7b": lambda: _llama(4096, 11008, 32, 32, 32, 32000, eps=1e-6),
     "llama2_7b": lambda: _llama(4096, 11008, 32, 32, 32, 32000, eps=1e-5),
     "mistral_7b": lambda: _llama(4096, 14336, 32, 32, 8, 32000),
+    # OpenMoE (ColossalAI configs; REFERENCE.md 1.3): MoE every k-th layer plus a residual dense MLP
+    "openmoe_base": lambda: _openmoe(768, 2048, 12, 12, 64, 16, 4),
+    "openmoe_8b": lambda: _openmoe(2048, 8192, 24, 24, 128, 32, 6),
+    "openmoe_34b": lambda: _openmoe(3072, 12288, 32, 24, 128, 32, 4),
     # tiny configs for tests and CPU runs
+    "tiny_openmoe": lambda: _openmoe(64, 64, 4, 4, 16, 4, 2, vocab=256),
     "tiny_mixtral": lambda: _mixtral(64, 128, 2, 4, 2, 256, experts=4),
     "tiny_llama": lambda: _llama(64, 256, 2, 4, 2, 256),
 }

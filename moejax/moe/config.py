@@ -13,7 +13,7 @@ ROUTERS = ("top_k", "expert_choice", "noisy_top_k")
 POLICIES = ("all", "random", "sampling")
 WEIGHT_NORMS = ("none", "topk", "kept")
 BACKENDS = ("gather", "einsum", "ragged")
-ACTIVATIONS = ("relu", "gelu", "gelu_exact", "silu", "gated-gelu", "gated-gelu_exact", "swiglu")
+ACTIVATIONS = ("relu", "gelu", "gelu_exact", "silu", "gated-gelu", "gated-gelu_exact", "swiglu", "split-swiglu")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,5 +1,8 @@
 """Expert FFNs stacked on a leading expert axis (ReLU, GeLU, gated GeLU, SwiGLU; optional bias).
 
+``split-swiglu`` is T5X's / OpenMoE's SwiGLU: the gate projection ``wi_0`` is ``2f`` wide and
+``h = (g[:f] * silu(g[f:])) * (x wi_1)`` (4 matrices' worth of params per FFN, not 3).
+
 Letters: ``e`` experts, ``n`` tokens in an expert's buffer, ``m`` sorted rows (ragged),
 ``d`` d_model, ``f`` d_ff.
 """
@@ -17,16 +20,37 @@ _ACT = {
     "silu": jax.nn.silu,
 }
 # gated activation name -> activation applied to the gate projection
-_GATED = {"gated-gelu": "gelu", "gated-gelu_exact": "gelu_exact", "swiglu": "silu"}
+_GATED = {"gated-gelu": "gelu", "gated-gelu_exact": "gelu_exact", "swiglu": "silu", "split-swiglu": "split-silu"}
+
+
+def _split_silu(g):
+    half = g.shape[-1] // 2
+    return g[..., :half] * jax.nn.silu(g[..., half:])
+
+
+_ACT_INTERNAL = {"split-silu": _split_silu}
 
 
 def activation_fn(name: str):
     """(activation function, gated?) for an activation name; ValueError lists valid names."""
     if name in _GATED:
-        return _ACT[_GATED[name]], True
+        inner = _GATED[name]
+        return (_ACT_INTERNAL[inner] if inner in _ACT_INTERNAL else _ACT[inner]), True
     if name in _ACT:
         return _ACT[name], False
     raise ValueError(f"unknown activation {name!r}; valid: {', '.join(list(_ACT) + list(_GATED))}")
+
+
+def gate_width(name: str) -> int:
+    """How many ``d_ff`` widths the gate projection ``wi_0`` has (2 for ``split-swiglu``, else 1)."""
+    activation_fn(name)
+    return 2 if name == "split-swiglu" else 1
+
+
+def ffn_matrices(name: str) -> int:
+    """``d x d_ff`` matrices in one FFN of this activation (2 plain, 3 gated, 4 split-swiglu)."""
+    _, gated = activation_fn(name)
+    return 2 + gate_width(name) if gated else 2
 
 
 def _kernel(rngs, shape, dtype, axes):
@@ -51,13 +75,14 @@ class Experts(nnx.Module):
         ea = expert_axis
         up_axes, down_axes = (ea, "embed", "mlp"), (ea, "mlp", "embed")
         if self.gated:
-            self.wi_0 = _kernel(rngs, (num_experts, d_model, d_ff), param_dtype, up_axes)
+            self.wi_0 = _kernel(rngs, (num_experts, d_model, d_ff * gate_width(activation)), param_dtype, up_axes)
             self.wi_1 = _kernel(rngs, (num_experts, d_model, d_ff), param_dtype, up_axes)
         else:
             self.wi = _kernel(rngs, (num_experts, d_model, d_ff), param_dtype, up_axes)
         self.wo = _kernel(rngs, (num_experts, d_ff, d_model), param_dtype, down_axes)
         if use_bias:
-            self.bi = nnx.Param(jnp.zeros((num_experts, d_ff), param_dtype), logical_axes=(ea, "mlp"))
+            up_width = d_ff * gate_width(activation) if self.gated else d_ff
+            self.bi = nnx.Param(jnp.zeros((num_experts, up_width), param_dtype), logical_axes=(ea, "mlp"))
             if self.gated:
                 self.bi_1 = nnx.Param(jnp.zeros((num_experts, d_ff), param_dtype), logical_axes=(ea, "mlp"))
             self.bo = nnx.Param(jnp.zeros((num_experts, d_model), param_dtype), logical_axes=(ea, "embed"))

@@ -74,7 +74,13 @@ def route_expert_choice(probs, capacity, mask):
 
 def expert_apply(params, ex, v, activation):
     """One expert on one token vector ``v [d]``."""
-    if activation in ("gated-gelu", "swiglu"):
+    if activation == "split-swiglu":
+        # OpenMoE / T5X: gate projection 2f wide, split in halves: (g1 * silu(g2)) * up
+        g = v @ params["wi_0"][ex] + (params["bi"][ex] if "bi" in params else 0.0)
+        up = v @ params["wi_1"][ex] + (params["bi_1"][ex] if "bi" in params else 0.0)
+        f = up.shape[-1]
+        h = g[:f] * (g[f:] * jax.nn.sigmoid(g[f:])) * up
+    elif activation in ("gated-gelu", "swiglu"):
         act = jax.nn.silu if activation == "swiglu" else (lambda z: jax.nn.gelu(z, approximate=True))
         h = act(v @ params["wi_0"][ex]) * (v @ params["wi_1"][ex])
         if "bi" in params:

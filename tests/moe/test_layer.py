@@ -89,10 +89,12 @@ def test_matches_reference(backend, router, drops):
         assert (n_dropped > 0) == drops
 
 
-@pytest.mark.parametrize("activation", ["relu", "gelu", "swiglu", "gated-gelu"])
+@pytest.mark.parametrize("activation", ["relu", "gelu", "swiglu", "gated-gelu", "split-swiglu"])
 @pytest.mark.parametrize("use_bias", [False, True])
-def test_expert_variants_match_reference(activation, use_bias):
-    layer = build(top_k=2, activation=activation, use_bias=use_bias, backend="gather")
+@pytest.mark.parametrize("backend", ["gather", "ragged"])
+def test_expert_variants_match_reference(activation, use_bias, backend):
+    layer = build(top_k=2, activation=activation, use_bias=use_bias, backend=backend,
+                  dropless=backend == "ragged")
     # non-zero biases so they matter
     for name in ("bi", "bi_1", "bo"):
         if hasattr(layer.experts, name):
