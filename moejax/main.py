@@ -4,12 +4,17 @@
 ``moejax convert --hf_dir DIR --out CKPT``: a HF checkpoint (Mixtral / Llama / Mistral, Switch / T5,
 NLLB-MoE) to a moejax orbax checkpoint (restore with ``moejax.convert.checkpoint.restore``).
 
-The gin-configured ``train`` / ``eval`` / ``infer`` entry points arrive with the trainer.
+``moejax train|eval|infer --gin_file=FILE [--gin_file=...] [--gin_search_paths=DIRS]
+[--gin.MACRO=VALUE ...]``: the gin-configured T5X-style entry points. The shipped ``gin/``
+directory is always on the search path, so ``--gin_file=runs/pretrain.gin`` works anywhere; the
+full config is written to ``MODEL_DIR/config.gin`` before the run and the operative one to
+``MODEL_DIR/operative_config.gin`` after it.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -61,6 +66,52 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def parse_gin_flags(extra: list[str]) -> list[str]:
+    """``['--gin.TRAIN_STEPS=10', '--gin.MODEL_DIR', "'/tmp/x'"]`` -> gin binding strings."""
+    out, i = [], 0
+    while i < len(extra):
+        a = extra[i]
+        if not a.startswith("--gin."):
+            raise ValueError(f"unrecognised argument {a!r}; gin bindings look like --gin.KEY=VALUE")
+        body = a[len("--gin."):]
+        if "=" in body:
+            key, val = body.split("=", 1)
+        else:
+            if i + 1 >= len(extra):
+                raise ValueError(f"{a} needs a value")
+            key, val = body, extra[i + 1]
+            i += 1
+        out.append(f"{key} = {val}")
+        i += 1
+    return out
+
+
+def cmd_gin(args, extra) -> int:
+    import gin
+
+    from moejax import entry
+
+    gin.clear_config()
+    bindings = parse_gin_flags(extra)
+    for paths in args.gin_search_paths or []:
+        for p in paths.split(","):
+            if p:
+                gin.add_config_file_search_path(os.path.abspath(p))
+    gin.add_config_file_search_path(entry.shipped_gin_dir())
+    if not args.gin_file:
+        raise ValueError("no --gin_file given; e.g. --gin_file=examples/tiny_switch_pretrain.gin")
+    gin.parse_config_files_and_bindings(args.gin_file, bindings)
+    entry.check_required_macros()
+    model_dir = os.path.abspath(os.path.expanduser(gin.query_parameter("MODEL_DIR/macro.value")))
+    os.makedirs(model_dir, exist_ok=True)
+    with open(os.path.join(model_dir, "config.gin"), "w") as f:
+        f.write(gin.config_str())
+    entry.run(args.command)
+    with open(os.path.join(model_dir, "operative_config.gin"), "w") as f:
+        f.write(gin.operative_config_str())
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="moejax", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -72,10 +123,19 @@ def main(argv=None) -> int:
     pc.add_argument("--hf_dir", required=True)
     pc.add_argument("--out", required=True)
     pc.set_defaults(fn=cmd_convert)
-    args = p.parse_args(argv)
+    for mode in ("train", "eval", "infer"):
+        pg = sub.add_parser(mode, help=f"gin-configured {mode} (T5X flags)")
+        pg.add_argument("--gin_file", action="append", default=[], help="repeatable; searched on the gin paths")
+        pg.add_argument("--gin_search_paths", action="append", default=[], help="comma-separated directories")
+        pg.set_defaults(fn=cmd_gin)
+    args, extra = p.parse_known_args(argv)
     try:
+        if args.fn is cmd_gin:
+            return cmd_gin(args, extra)
+        if extra:
+            p.error(f"unrecognized arguments: {' '.join(extra)}")
         return args.fn(args)
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

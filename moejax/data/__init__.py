@@ -1,0 +1,1 @@
+"""seqio glue: the embedded synthetic corpus, vocabularies, preprocessors, metrics, batches."""

@@ -1,0 +1,93 @@
+"""seqio task or mixture -> feature-converted, batched numpy -> global arrays on the mesh.
+
+Deterministic: the same ``seed`` gives the same batches in every run, and ``start_step`` skips the
+batches a resumed run has already consumed. Multi-host aware: each process reads its own shard
+(``seqio.ShardInfo``) and feeds it to ``jax.make_array_from_process_local_data``.
+"""
+
+from __future__ import annotations
+
+import difflib
+
+import jax
+import numpy as np
+import seqio
+from jax.sharding import NamedSharding
+
+from moejax.sharding import DEFAULT_RULES, logical_to_spec, spec_divisor
+
+
+def get_provider(name: str) -> seqio.DatasetProviderBase:
+    """The registered seqio task or mixture; an unknown name lists close matches."""
+    import moejax.tasks  # noqa: F401  (registers the tasks)
+
+    names = list(seqio.TaskRegistry.names()) + list(seqio.MixtureRegistry.names())
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else f"; registered: {', '.join(sorted(names))}"
+        raise ValueError(f"unknown task or mixture {name!r}{hint}")
+    return seqio.get_mixture_or_task(name)
+
+
+def feature_converter(provider: seqio.DatasetProviderBase, encoder_decoder: bool) -> seqio.FeatureConverter:
+    """EncDec for encoder-decoder models; for decoder-only models, PrefixLM (inputs + targets in
+    one causal sequence, loss on the targets only) when the task has inputs, else plain LM."""
+    if encoder_decoder:
+        if "inputs" not in provider.output_features:
+            raise ValueError(f"task {provider.name!r} has no 'inputs' feature; encoder-decoder models need one "
+                             "(use a span-corruption or input/target task)")
+        return seqio.EncDecFeatureConverter(pack=False)
+    if "inputs" in provider.output_features:
+        return seqio.PrefixLMFeatureConverter(pack=False)
+    return seqio.DecoderFeatureConverter(pack=False)
+
+
+def check_lengths(lengths: dict, provider: seqio.DatasetProviderBase) -> None:
+    need = set(provider.output_features)
+    missing = sorted(need - set(lengths))
+    if missing:
+        raise ValueError(f"task_feature_lengths {lengths} lacks {missing} for {provider.name!r}")
+    for k, v in lengths.items():
+        if k in need and int(v) < 4:
+            raise ValueError(f"task_feature_lengths[{k!r}]={v} is too short; use at least 4 tokens")
+
+
+def dataset(name: str, lengths: dict, batch_size: int, *, encoder_decoder: bool, split: str = "train",
+            seed: int = 0, shuffle: bool = True, repeat: bool = True, start_step: int = 0):
+    """A ``tf.data`` dataset of this process's batches (numpy dicts via ``as_numpy_iterator``)."""
+    provider = get_provider(name)
+    check_lengths(lengths, provider)
+    pc, pi = jax.process_count(), jax.process_index()
+    if batch_size % pc:
+        raise ValueError(f"batch_size={batch_size} is not divisible by the {pc} processes")
+    ds = seqio.get_dataset(name, task_feature_lengths={k: int(v) for k, v in lengths.items()
+                                                       if k in provider.output_features},
+                           dataset_split=split, shuffle=shuffle, num_epochs=None if repeat else 1,
+                           feature_converter=feature_converter(provider, encoder_decoder), seed=seed,
+                           shard_info=seqio.ShardInfo(pi, pc) if pc > 1 else None, use_cached=False)
+    ds = ds.batch(batch_size // pc, drop_remainder=repeat)
+    return ds.skip(start_step) if start_step else ds
+
+
+def check_not_truncated(batch: dict, lengths: dict, eos_id: int = 1) -> None:
+    """Raise when every example of ``batch`` lost its EOS to trimming (lengths far too short)."""
+    tgt = batch["decoder_target_tokens"]
+    has_eos = np.any(tgt == eos_id, axis=1)
+    if tgt.shape[0] and not has_eos.any():
+        raise ValueError(f"every example in the first batch was truncated at task_feature_lengths={lengths} "
+                         f"(targets length {tgt.shape[1]}); raise the lengths")
+
+
+def batch_sharding(mesh, rules=DEFAULT_RULES) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(("batch", "length"), rules, mesh))
+
+
+def to_global(batch: dict, mesh, rules=DEFAULT_RULES) -> dict:
+    """This process's numpy batch -> global ``jax.Array``s sharded over the batch axes."""
+    sharding = batch_sharding(mesh, rules)
+    shards = spec_divisor(sharding.spec, mesh, 0)
+    b = next(iter(batch.values())).shape[0] * jax.process_count()
+    if b % shards:
+        raise ValueError(f"global batch size {b} is not divisible by the {shards} batch shards of mesh "
+                         f"{dict(mesh.shape)}; use a multiple of {shards}")
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}

@@ -1,0 +1,87 @@
+"""gin-configurable entry points (the edge where gin meets the plain-Python library).
+
+The run files in ``gin/runs`` bind :func:`run` and the configurables registered here
+(``TrainConfig``, ``LossConfig``, ``optimizer``); the model files in ``gin/models`` set ``MODEL``.
+Required macros (``MODEL_DIR``, ``MIXTURE_OR_TASK_NAME``, ...) are ``%gin.REQUIRED`` in the run
+files; :func:`check_required_macros` names every one left unset.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import gin
+
+from moejax.models.registry import get_config
+from moejax.training.loss import LossConfig
+from moejax.training.optim import make_optimizer
+from moejax.training.trainer import TrainConfig, run_eval, run_infer, train
+
+REQUIRED_MACROS = ("MODEL_DIR", "MODEL", "MIXTURE_OR_TASK_NAME", "TASK_FEATURE_LENGTHS", "TRAIN_STEPS",
+                   "INITIAL_CHECKPOINT_PATH")
+
+gin.external_configurable(TrainConfig, module="moejax")
+gin.external_configurable(LossConfig, module="moejax")
+gin.external_configurable(make_optimizer, name="optimizer", module="moejax")
+
+
+def shipped_gin_dir() -> str:
+    """The directory holding the shipped ``models/``, ``runs/`` and ``mesh/`` gin files."""
+    here = Path(__file__).resolve().parent
+    for cand in (here / "gin", here.parent / "gin"):
+        if (cand / "runs").is_dir():
+            return str(cand)
+    raise FileNotFoundError("moejax's gin files were not found next to the package")
+
+
+def check_required_macros() -> None:
+    """Raise a ValueError naming every required macro that is still ``%gin.REQUIRED``."""
+    missing = []
+    for name in REQUIRED_MACROS:
+        try:
+            value = gin.query_parameter(f"{name}/macro.value")
+        except ValueError:
+            if name in ("MODEL", "MODEL_DIR"):         # referenced by every run: must be defined
+                missing.append(name + (" (load a models/*.gin file)" if name == "MODEL" else ""))
+            continue
+        if value is gin.REQUIRED:
+            missing.append(name)
+    if missing:
+        flags = " ".join(f"--gin.{m}=..." for m in missing)
+        raise ValueError(f"required gin macros not set: {', '.join(missing)} (pass e.g. {flags})")
+
+
+@gin.configurable(module="moejax")
+def model_config(name: str = gin.REQUIRED, overrides: dict | None = None, vocab_from_task: str | None = None):
+    """The registered config ``name`` with ``overrides``; ``vocab_from_task`` sets ``vocab_size`` to
+    that task's vocabulary size (rounded up to a multiple of 128) for the tiny configs."""
+    overrides = dict(overrides or {})
+    if vocab_from_task:
+        from moejax.data.batches import get_provider
+
+        size = get_provider(vocab_from_task).output_features["targets"].vocabulary.vocab_size
+        overrides.setdefault("vocab_size", -(-size // 128) * 128)
+    return get_config(name, **overrides)
+
+
+@gin.configurable(module="moejax")
+def run(mode: str, model_dir: str = gin.REQUIRED, model=gin.REQUIRED, train_config: TrainConfig = gin.REQUIRED,
+        optimizer=None, checkpoint: str | None = None, compute_dtype: str | None = None):
+    """``mode``: ``train`` / ``eval`` / ``infer``. ``model`` is a config (``@moejax.model_config()``);
+    ``compute_dtype='bfloat16'`` computes in bf16 with float32 params."""
+    if not model_dir:
+        raise ValueError("MODEL_DIR is empty; pass --gin.MODEL_DIR=\"'/path/to/run'\"")
+    if compute_dtype:
+        import jax.numpy as jnp
+
+        dt = jnp.dtype(compute_dtype)
+        model = model.replace(dtype=dt, moe=model.moe.replace(dtype=dt) if model.moe is not None else None)
+    model_dir = os.path.abspath(os.path.expanduser(model_dir))
+    if mode == "train":
+        return train(model_dir, model, train_config, optimizer)
+    if mode == "eval":
+        return run_eval(model_dir, model, train_config, checkpoint)
+    if mode == "infer":
+        return run_infer(model_dir, model, train_config, checkpoint)
+    raise ValueError(f"unknown mode {mode!r}; valid: train, eval, infer")

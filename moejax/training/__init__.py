@@ -1,0 +1,2 @@
+"""T5X-style training: train state, train / eval steps, optimizers and schedules, freezing by
+logical role, checkpoints, metrics writers."""

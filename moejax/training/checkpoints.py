@@ -1,0 +1,124 @@
+"""Train-state checkpoints with orbax ``CheckpointManager``: periodic saves, keep N, resume from
+the latest, restore onto any mesh, params-only init for finetuning, sparse upcycling.
+
+Layout of ``MODEL_DIR``: ``model_config.json`` (which model the checkpoints belong to),
+``checkpoints/<step>/`` (orbax; the train state as a flat ``{path: array}`` dict, written to a
+temporary directory and renamed, so a killed run never leaves a corrupt checkpoint behind).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from moejax.convert.checkpoint import config_from_json, config_to_json
+
+
+def _key(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
+def _flatten(tree) -> dict:
+    """``{'params/decoder/final_norm/scale/value': leaf, ...}``: a plain dict orbax stores as is."""
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {_key(p): v for p, v in leaves}
+
+
+def _unflatten(like, flat: dict):
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(like)
+    return jax.tree_util.tree_unflatten(treedef, [flat[_key(p)] for p, _ in leaves])
+
+
+def check_model_dir(model_dir: str, model_cfg) -> None:
+    """Record ``model_cfg`` in ``model_dir``; refuse a directory holding another model's checkpoints."""
+    os.makedirs(model_dir, exist_ok=True)
+    path = os.path.join(model_dir, "model_config.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = config_from_json(json.load(f))
+        if saved != model_cfg:
+            raise ValueError(f"MODEL_DIR {model_dir!r} holds checkpoints of another model ({type(saved).__name__} "
+                             f"d_model={getattr(saved, 'd_model', '?')}, vocab={getattr(saved, 'vocab_size', '?')}); "
+                             "use a new MODEL_DIR, or INITIAL_CHECKPOINT_PATH to start from it")
+        return
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(config_to_json(model_cfg), f, indent=2)
+    os.replace(tmp, path)
+
+
+class Checkpointer:
+    """Saves / restores :class:`moejax.training.state.TrainState` under ``<model_dir>/checkpoints``."""
+
+    def __init__(self, model_dir: str, keep: int = 3):
+        self.directory = os.path.join(os.path.abspath(model_dir), "checkpoints")
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, state, force: bool = True) -> None:
+        step = int(state.step)
+        if step in (self.manager.all_steps() or []):
+            return
+        self.manager.save(step, args=ocp.args.StandardSave(_flatten(state)), force=force)
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def restore(self, abstract_state, step: int | None = None):
+        """Read ``step`` (default latest) into the shardings of ``abstract_state``."""
+        step = self.latest_step() if step is None else step
+        flat = self.manager.restore(step, args=ocp.args.StandardRestore(_flatten(abstract_state)))
+        return _unflatten(abstract_state, flat)
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def restore_params(path: str, abstract_params, model_cfg=None):
+    """Params (only) for finetuning from ``path``: a trainer ``MODEL_DIR`` (its latest checkpoint)
+    or a :func:`moejax.convert.checkpoint.save` directory. Raises on a checkpoint of another model."""
+    path = os.path.abspath(path)
+    cfg_file = os.path.join(path, "model_config.json")
+    if os.path.exists(cfg_file):
+        with open(cfg_file) as f:
+            saved = config_from_json(json.load(f))
+        if model_cfg is not None and _arch(saved) != _arch(model_cfg):
+            raise ValueError(f"INITIAL_CHECKPOINT_PATH {path!r} holds another model ({_arch(saved)}), "
+                             f"not {_arch(model_cfg)}")
+        mngr = ocp.CheckpointManager(os.path.join(path, "checkpoints"))
+        step = mngr.latest_step()
+        if step is None:
+            raise ValueError(f"INITIAL_CHECKPOINT_PATH {path!r} has no checkpoints")
+        target = {"params/" + k: v for k, v in _flatten(abstract_params).items()}
+        saved_keys = set(mngr.item_metadata(step).keys())
+        missing = sorted(set(target) - saved_keys)
+        if missing:
+            raise ValueError(f"INITIAL_CHECKPOINT_PATH {path!r} lacks params {missing[:3]} (another model?)")
+        restored = mngr.restore(step, args=ocp.args.StandardRestore(target, strict=False))
+        mngr.close()
+        return _unflatten(abstract_params, {k[len("params/"):]: v for k, v in restored.items()})
+    if os.path.exists(os.path.join(path, "config.json")):
+        from moejax.convert.checkpoint import restore as restore_model
+
+        model = restore_model(path, expect=type(model_cfg) if model_cfg is not None else None)
+        if model_cfg is not None and _arch(model.cfg) != _arch(model_cfg):
+            raise ValueError(f"INITIAL_CHECKPOINT_PATH {path!r} holds another model ({_arch(model.cfg)})")
+        params = nnx.state(model, nnx.Param)
+        return jax.tree.map(lambda a, t: jax.device_put(np.asarray(a), t.sharding), params, abstract_params)
+    raise ValueError(f"INITIAL_CHECKPOINT_PATH {path!r} is neither a moejax MODEL_DIR nor a model checkpoint")
+
+
+def _arch(cfg) -> tuple:
+    """What must match for params to load: class and every shape-determining field."""
+    keys = ("vocab_size", "d_model", "num_layers", "num_encoder_layers", "num_decoder_layers", "num_heads",
+            "head_dim", "d_ff")
+    return (type(cfg).__name__,) + tuple(getattr(cfg, k, None) for k in keys)

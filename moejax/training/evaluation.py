@@ -1,0 +1,108 @@
+"""seqio-style evaluation: teacher-forced loss on the validation split, plus decoding each task's
+validation examples (greedy, KV cache) and scoring them with the task's metric functions.
+
+Results go to ``<model_dir>/eval`` (TensorBoard), ``eval_metrics.jsonl`` and are returned as
+``{'<task>/<metric>': value}``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import seqio
+
+from moejax.data import batches as data
+from moejax.inference.decode import generate, generate_encdec
+from moejax.training.writers import MetricWriter
+
+
+def tasks_of(name: str) -> list[seqio.Task]:
+    provider = data.get_provider(name)
+    return list(provider.tasks) if isinstance(provider, seqio.Mixture) else [provider]
+
+
+def _pad(rows, length, left=False):
+    out = np.zeros((len(rows), length), np.int32)
+    for i, r in enumerate(rows):
+        r = np.asarray(r[:length])
+        if left:
+            out[i, length - len(r):] = r
+        else:
+            out[i, :len(r)] = r
+    return out
+
+
+def _cut(ids, eos=1):
+    ids = list(np.asarray(ids))
+    return ids[:ids.index(eos)] if eos in ids else ids
+
+
+def predict_task(fns, params, model_cfg, task: seqio.Task, cfg, split: str, max_examples: int) -> list[dict]:
+    """Greedy predictions for up to ``max_examples`` of ``task``'s ``split``: rows with ``inputs``,
+    ``target`` and ``prediction`` strings."""
+    from moejax.models.encdec import EncDecConfig
+
+    lengths = {k: int(v) for k, v in cfg.task_feature_lengths.items() if k in task.output_features}
+    if "inputs" not in lengths:
+        return []
+    ds = task.get_dataset(lengths, split=split, shuffle=False, num_epochs=1).take(max_examples)
+    exs = list(ds.as_numpy_iterator())
+    if not exs:
+        return []
+    vocab = task.output_features["targets"].vocabulary
+    model = fns.model(params)
+    n_new = lengths["targets"]
+    rows = []
+    bs = max(cfg.batch_size, 1)
+    with jax.set_mesh(fns.mesh):
+        for i in range(0, len(exs), bs):
+            chunk = exs[i:i + bs]
+            real = len(chunk)
+            chunk = chunk + [chunk[-1]] * (bs - real)          # static batch shape
+            if isinstance(model_cfg, EncDecConfig):
+                enc = jnp.asarray(_pad([e["inputs"] for e in chunk], lengths["inputs"]))
+                out = generate_encdec(model, enc, n_new, start_id=0, encoder_mask=enc > 0)
+            else:
+                prompt = jnp.asarray(_pad([e["inputs"] for e in chunk], lengths["inputs"], left=True))
+                out = generate(model, prompt, n_new, prompt_mask=prompt > 0)[:, prompt.shape[1]:]
+            out = np.asarray(out)
+            for e, o in zip(chunk[:real], out[:real]):
+                rows.append({"inputs": e["inputs_pretokenized"].decode() if "inputs_pretokenized" in e else "",
+                             "target": e["targets_pretokenized"].decode() if "targets_pretokenized" in e
+                             else vocab.decode(_cut(e["targets"])),
+                             "prediction": vocab.decode([int(t) for t in _cut(o)])})
+    return rows
+
+
+def evaluate(model_dir: str, fns, params, model_cfg, cfg, step: int) -> dict:
+    """Eval loss over ``cfg.eval_batches`` validation batches and every task's metrics."""
+    from moejax.models.encdec import EncDecConfig
+
+    name = cfg.eval_mixture_or_task or cfg.mixture_or_task
+    results = {}
+    ds = data.dataset(name, cfg.task_feature_lengths, cfg.batch_size, encoder_decoder=isinstance(model_cfg, EncDecConfig),
+                      split="validation", shuffle=False, repeat=True, seed=cfg.seed).take(cfg.eval_batches)
+    losses = []
+    with jax.set_mesh(fns.mesh):
+        for batch in ds.as_numpy_iterator():
+            m = jax.device_get(fns.eval_step(params, data.to_global(batch, fns.mesh, fns.rules)))
+            losses.append({k: float(v) for k, v in m.items() if np.ndim(v) == 0})
+    for k in ("loss", "cross_entropy", "accuracy", "tokens_dropped_fraction"):
+        if losses:
+            results[f"eval/{k}"] = float(np.mean([l[k] for l in losses]))
+    for task in tasks_of(name):
+        if not task.metric_fns:
+            continue
+        rows = predict_task(fns, params, model_cfg, task, cfg, "validation", cfg.infer_examples)
+        if not rows:
+            continue
+        tgts, preds = [r["target"] for r in rows], [r["prediction"] for r in rows]
+        for fn in task.metric_fns:
+            for k, v in fn(tgts, preds).items():
+                results[f"{task.name}/{k}"] = float(v)
+    writer = MetricWriter(model_dir, "eval")
+    writer.write(step, results)
+    writer.close()
+    print(f"eval at step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(results.items())))
+    return results

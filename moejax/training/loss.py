@@ -1,0 +1,91 @@
+"""Training loss: token cross-entropy (+ output z-loss, label smoothing) plus the weighted MoE
+router losses, each reported separately.
+
+Batches are seqio feature-converter outputs: encoder-decoder ``encoder_input_tokens [b, t]``,
+``decoder_input_tokens``, ``decoder_target_tokens``, ``decoder_loss_weights [b, s]``; decoder-only
+the same without the encoder input.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from moejax.models.encdec import EncoderDecoder
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """``z_loss``: T5X output-logit z-loss factor (``z_loss * logsumexp(logits)^2``);
+    ``label_smoothing``; ``aux_loss_factor`` x load-balancing loss; ``router_z_loss_factor`` x
+    router z-loss (Switch / ST-MoE defaults 0.01 and 0.001)."""
+
+    z_loss: float = 1e-4
+    label_smoothing: float = 0.0
+    aux_loss_factor: float = 0.01
+    router_z_loss_factor: float = 0.001
+
+
+def cross_entropy(logits, targets, weights, z_loss: float = 0.0, label_smoothing: float = 0.0):
+    """``logits [b, s, v]``, ``targets [b, s]``, ``weights [b, s]`` ->
+    ``(ce_sum, z_sum, correct_sum, weight_sum)`` (sums over weighted tokens). With smoothing the
+    target distribution is ``(1-a)`` on the label plus ``a/v`` uniform, and the loss is offset by
+    that distribution's entropy (T5X convention: 0 at a perfect prediction)."""
+    v = logits.shape[-1]
+    logits = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    logp = logits - lse[..., None]
+    conf = 1.0 - label_smoothing
+    low = label_smoothing / v
+    onehot = jax.nn.one_hot(targets, v, dtype=jnp.float32)
+    soft = onehot * (conf - low) + low
+    normalizing = -(conf * jnp.log(conf) + (v - 1) * low * jnp.log(low + 1e-20)) if label_smoothing else 0.0
+    ce = -jnp.sum(soft * logp, axis=-1) - normalizing
+    z = z_loss * jnp.square(lse)
+    w = weights.astype(jnp.float32)
+    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    return jnp.sum(ce * w), jnp.sum(z * w), jnp.sum(correct * w), jnp.sum(w)
+
+
+def forward(model, batch, deterministic: bool):
+    """Run the model on a batch -> ``(logits [b, s, v], list of MoeStats)``."""
+    targets = batch["decoder_target_tokens"]
+    dec_mask = targets > 0
+    if isinstance(model, EncoderDecoder):
+        enc = batch["encoder_input_tokens"]
+        logits, aux = model(enc, batch["decoder_input_tokens"], encoder_mask=enc > 0, decoder_mask=dec_mask,
+                            deterministic=deterministic)
+        stats = [s for s in (aux.encoder, aux.decoder) if s is not None]
+    else:
+        logits, aux = model(batch["decoder_input_tokens"], padding_mask=dec_mask, deterministic=deterministic)
+        stats = [] if aux.moe is None else [aux.moe]
+    return logits, stats
+
+
+def moe_metrics(stats) -> dict:
+    """Mean over every sparse layer of the losses and routing metrics (zeros for dense models)."""
+    if not stats:
+        z = jnp.zeros(())
+        return {"load_balancing_loss": z, "router_z_loss": z, "tokens_dropped_fraction": z, "dropped_fraction": z,
+                "router_entropy": z, "router_confidence": z}
+    cat = lambda name: jnp.concatenate([jnp.ravel(getattr(s, name)) for s in stats])
+    out = {k: jnp.mean(cat(k)) for k in ("load_balancing_loss", "router_z_loss", "tokens_dropped_fraction",
+                                         "dropped_fraction", "router_entropy", "router_confidence")}
+    out["expert_load"] = jnp.concatenate([s.expert_load.reshape(-1, s.expert_load.shape[-1]) for s in stats])
+    return out
+
+
+def loss_fn(model, batch, cfg: LossConfig, deterministic: bool = False):
+    """``(total / weight_sum, metrics)``; metrics hold the separate sums and MoE statistics."""
+    logits, stats = forward(model, batch, deterministic)
+    ce, z, correct, n = cross_entropy(logits, batch["decoder_target_tokens"], batch["decoder_loss_weights"],
+                                      cfg.z_loss, cfg.label_smoothing)
+    moe = moe_metrics(stats)
+    n_safe = jnp.maximum(n, 1.0)
+    total = (ce + z) / n_safe + cfg.aux_loss_factor * moe["load_balancing_loss"] + \
+        cfg.router_z_loss_factor * moe["router_z_loss"]
+    metrics = {"loss": total, "cross_entropy": ce / n_safe, "z_loss": z / n_safe, "accuracy": correct / n_safe,
+               "weight_sum": n, **moe}
+    return total, metrics

@@ -1,0 +1,179 @@
+"""Train state as plain pytrees, born sharded, and the jitted train / eval steps.
+
+``TrainState``: ``params`` (the model's ``nnx.Param`` state), ``opt_state`` (optax), ``step``
+(int32). The model's non-param state (RNG streams for dropout / jitter / random routing) is the
+init-time state with every key folded with the step, so a run is a pure function of (seed, step):
+resuming from a checkpoint replays exactly the same randomness.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+from jax.sharding import NamedSharding, PartitionSpec
+
+from moejax.models.params import build_model
+from moejax.sharding import DEFAULT_RULES, state_shardings
+from moejax.training.loss import LossConfig, loss_fn
+from moejax.training.roles import freeze_labels
+
+
+@struct.dataclass
+class TrainState:
+    params: Any
+    opt_state: Any
+    step: jax.Array
+
+
+def _is_key(x) -> bool:
+    return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _fold(keys, step):
+    """``fold_in(key, step)`` for a key array of any shape (stacked layers hold one key each)."""
+    flat = keys.reshape(-1)
+    return jax.vmap(lambda k: jax.random.fold_in(k, step))(flat).reshape(keys.shape)
+
+
+def _path_key(path) -> tuple:
+    return tuple(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
+def opt_state_shardings(abstract_opt, abstract_params, param_shardings, mesh):
+    """Shard each optimizer-state leaf like the param it mirrors (same path suffix): same shape ->
+    same sharding; a factored moment missing one dim -> the param's spec without that dim; else
+    replicated."""
+    table = {}
+    for (path, a), (_, s) in zip(jax.tree_util.tree_flatten_with_path(abstract_params)[0],
+                                 jax.tree_util.tree_flatten_with_path(param_shardings)[0]):
+        table[_path_key(path)] = (a.shape, s.spec)
+    rep = NamedSharding(mesh, PartitionSpec())
+
+    def one(path, leaf):
+        key = _path_key(path)
+        for i in range(len(key)):
+            if key[i:] in table:
+                pshape, spec = table[key[i:]]
+                spec = tuple(spec) + (None,) * (len(pshape) - len(spec))
+                if leaf.shape == pshape:
+                    return NamedSharding(mesh, PartitionSpec(*spec))
+                if len(leaf.shape) == len(pshape) - 1:
+                    for d in range(len(pshape)):
+                        if pshape[:d] + pshape[d + 1:] == tuple(leaf.shape):
+                            return NamedSharding(mesh, PartitionSpec(*(spec[:d] + spec[d + 1:])))
+                return rep
+        return rep
+
+    return jax.tree_util.tree_map_with_path(one, abstract_opt)
+
+
+@dataclasses.dataclass
+class StepFns:
+    """Built once per (model config, optimizer, mesh): shardings and the jitted functions."""
+
+    model_cfg: Any
+    tx: optax.GradientTransformation
+    mesh: Any
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    microbatches: int = 1
+    seed: int = 0
+    freeze: tuple = ()
+    rules: Any = DEFAULT_RULES
+
+    def __post_init__(self):
+        cfg, seed = self.model_cfg, self.seed
+        self.factory = lambda: build_model(cfg, nnx.Rngs(seed))
+        abstract = nnx.eval_shape(self.factory)
+        self.graphdef, self.abstract_params, _ = nnx.split(abstract, nnx.Param, ...)
+        if self.freeze:
+            labels = freeze_labels(abstract, self.freeze)
+            flat = {}
+            for path, v in jax.tree_util.tree_flatten_with_path(labels)[0]:
+                flat[_path_key(path)] = v
+            label_tree = jax.tree_util.tree_map_with_path(lambda p, _: flat[_path_key(p)[:-1]],
+                                                          self.abstract_params)
+            self.tx = optax.multi_transform({"train": self.tx, "freeze": optax.set_to_zero()}, label_tree)
+        self.param_shardings = state_shardings(self.abstract_params, self.mesh, self.rules)
+        abstract_opt = jax.eval_shape(self.tx.init, self.abstract_params)
+        self.opt_shardings = opt_state_shardings(abstract_opt, self.abstract_params, self.param_shardings, self.mesh)
+        rep = NamedSharding(self.mesh, PartitionSpec())
+        self.state_shardings = TrainState(params=self.param_shardings, opt_state=self.opt_shardings, step=rep)
+        # the non-param state (RNG streams) at init; XLA drops the param initialisers it does not need
+        with jax.set_mesh(self.mesh):
+            self.rest0 = jax.jit(lambda: nnx.split(self.factory(), nnx.Param, ...)[2],
+                                 out_shardings=rep)()
+        self.train_step = jax.jit(self._train_step, in_shardings=(self.state_shardings, None),
+                                  out_shardings=(self.state_shardings, None), donate_argnums=(0,))
+        self.eval_step = jax.jit(self._eval_step, in_shardings=(self.param_shardings, None))
+
+    def abstract_state(self) -> TrainState:
+        """Shapes, dtypes and shardings of the train state (a restore target)."""
+        abs_state = jax.eval_shape(self._init_from_params, self.abstract_params)
+        leaves, treedef = jax.tree.flatten(abs_state)
+        shards = jax.tree.leaves(self.state_shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+        assert len(leaves) == len(shards), (len(leaves), len(shards))
+        return jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
+                                            for a, s in zip(leaves, shards)])
+
+    def _init_from_params(self, params):
+        return TrainState(params=params, opt_state=self.tx.init(params), step=jnp.zeros((), jnp.int32))
+
+    def init(self) -> TrainState:
+        """A fresh train state, every array born in its sharding."""
+        def make():
+            params = nnx.split(self.factory(), nnx.Param, ...)[1]
+            return self._init_from_params(params)
+
+        with jax.set_mesh(self.mesh):
+            return jax.jit(make, out_shardings=self.state_shardings)()
+
+    def from_params(self, params) -> TrainState:
+        """Fresh optimizer state and step 0 around given params (finetuning init)."""
+        with jax.set_mesh(self.mesh):
+            return jax.jit(self._init_from_params, in_shardings=(self.param_shardings,),
+                           out_shardings=self.state_shardings)(params)
+
+    def model(self, params, step=None):
+        """The NNX model for ``params`` (RNG streams folded with ``step`` when given)."""
+        rest = self.rest0 if step is None else jax.tree.map(lambda x: _fold(x, step) if _is_key(x) else x, self.rest0)
+        return nnx.merge(self.graphdef, params, rest)
+
+    def _loss(self, params, batch, step):
+        return loss_fn(self.model(params, step), batch, self.loss, deterministic=False)
+
+    def _train_step(self, state: TrainState, batch):
+        grad_fn = jax.value_and_grad(self._loss, has_aux=True)
+        m = self.microbatches
+        if m == 1:
+            (_, metrics), grads = grad_fn(state.params, batch, state.step)
+        else:
+            b = next(iter(batch.values())).shape[0]
+            if b % m:
+                raise ValueError(f"batch size {b} is not divisible by microbatches={m}")
+            micro = jax.tree.map(lambda x: x.reshape((m, b // m) + x.shape[1:]), batch)
+
+            def grads_and_metrics(mb):
+                (_, met), g = grad_fn(state.params, mb, state.step)
+                return g, met
+
+            def body(acc, mb):
+                return jax.tree.map(jnp.add, acc, grads_and_metrics(mb)), None
+
+            shapes = jax.eval_shape(grads_and_metrics, jax.tree.map(lambda x: x[0], micro))
+            zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+            (grads, metrics), _ = jax.lax.scan(body, zeros, micro)
+            grads = jax.tree.map(lambda g: g / m, grads)
+            metrics = jax.tree.map(lambda v: v / m, metrics)
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics["grad_norm"] = optax.global_norm(grads)
+        return TrainState(params=params, opt_state=opt_state, step=state.step + 1), metrics
+
+    def _eval_step(self, params, batch):
+        _, metrics = loss_fn(self.model(params), batch, self.loss, deterministic=True)
+        return metrics

@@ -1,0 +1,175 @@
+"""The train / eval / infer loops (plain Python; the gin entry points in ``moejax.main`` call them).
+
+``train(...)`` builds the sharded train state (or resumes from ``MODEL_DIR``'s latest checkpoint, or
+starts from ``initial_checkpoint`` params), streams seqio batches onto the mesh, runs the jitted
+step, logs metrics every ``log_every`` steps (tqdm + TensorBoard + JSON lines), evaluates every
+``eval_every`` steps and at the end, and saves every ``save_every`` steps and at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from moejax.data import batches as data
+from moejax.sharding import DEFAULT_RULES, make_mesh
+from moejax.training import evaluation
+from moejax.training.checkpoints import Checkpointer, check_model_dir, restore_params
+from moejax.training.loss import LossConfig
+from moejax.training.optim import make_optimizer
+from moejax.training.state import StepFns
+from moejax.training.writers import MetricWriter
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything about a run except the model and the optimizer."""
+
+    mixture_or_task: str = "corpus_span_corruption"
+    task_feature_lengths: dict = dataclasses.field(default_factory=lambda: {"inputs": 64, "targets": 32})
+    batch_size: int = 32
+    train_steps: int = 100
+    microbatches: int = 1
+    log_every: int = 10
+    save_every: int = 100
+    keep: int = 3
+    eval_every: int = 0
+    eval_mixture_or_task: str | None = None
+    eval_batches: int = 4
+    infer_examples: int = 32
+    seed: int = 0
+    freeze: tuple = ()
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    initial_checkpoint: str | None = None
+    mesh_shape: dict | None = None
+
+
+def _mesh(shape):
+    """A mesh over all devices, or over the first N when the shape's N divides the device count."""
+    shape = dict(shape or {"data": jax.device_count()})
+    n, have = int(np.prod(list(shape.values()))), jax.device_count()
+    if n < 1 or have % n or (n != have and jax.process_count() > 1):
+        raise ValueError(f"mesh {shape} needs {n} devices, which does not divide the {have} devices available")
+    return make_mesh(shape, jax.devices()[:n])
+
+
+def _host(metrics: dict) -> dict:
+    return {k: np.asarray(v) for k, v in jax.device_get(metrics).items()}
+
+
+def train(model_dir: str, model_cfg, cfg: TrainConfig, optimizer=None, rules=DEFAULT_RULES, progress: bool = True):
+    """Train ``model_cfg`` on ``cfg.mixture_or_task`` into ``model_dir``; returns the final train
+    state. Re-running the same command resumes from the latest checkpoint."""
+    from moejax.models.encdec import EncDecConfig
+
+    if not model_dir:
+        raise ValueError("MODEL_DIR is required (e.g. --gin.MODEL_DIR=\"'/tmp/run'\")")
+    optimizer = optimizer or make_optimizer()
+    if cfg.train_steps < 1:
+        raise ValueError(f"train_steps must be >= 1, got {cfg.train_steps}")
+    mesh = _mesh(cfg.mesh_shape)
+    enc_dec = isinstance(model_cfg, EncDecConfig)
+    data.get_provider(cfg.mixture_or_task)          # fail fast on a name typo
+    check_model_dir(model_dir, model_cfg)
+    fns = StepFns(model_cfg, optimizer.tx, mesh, loss=cfg.loss, microbatches=cfg.microbatches, seed=cfg.seed,
+                  freeze=tuple(cfg.freeze), rules=rules)
+    ckpt = Checkpointer(model_dir, keep=cfg.keep)
+    latest = ckpt.latest_step()
+    if latest is not None:
+        state = ckpt.restore(fns.abstract_state())
+        print(f"resumed from {ckpt.directory} at step {latest}")
+    elif cfg.initial_checkpoint:
+        params = restore_params(cfg.initial_checkpoint, fns.abstract_state().params, model_cfg)
+        state = fns.from_params(params)
+        print(f"initialised params from {cfg.initial_checkpoint} (optimizer reset)")
+    else:
+        state = fns.init()
+    start = int(state.step)
+    writer = MetricWriter(model_dir, "train")
+    ds = data.dataset(cfg.mixture_or_task, cfg.task_feature_lengths, cfg.batch_size, encoder_decoder=enc_dec,
+                      seed=cfg.seed, start_step=start)
+    it = ds.as_numpy_iterator()
+    bar = tqdm(total=cfg.train_steps, initial=start, disable=not progress, desc="train", dynamic_ncols=True)
+    window, t0, tokens = [], time.time(), 0
+    try:
+        for step in range(start, cfg.train_steps):
+            batch = next(it)
+            if step == start:
+                data.check_not_truncated(batch, cfg.task_feature_lengths)
+            tokens += int(np.sum(batch["decoder_target_tokens"] > 0)) + int(
+                np.sum(batch.get("encoder_input_tokens", np.zeros(1)) > 0))
+            with jax.set_mesh(mesh):
+                state, metrics = fns.train_step(state, data.to_global(batch, mesh, rules))
+            window.append(metrics)
+            done = step + 1
+            if done % cfg.log_every == 0 or done == cfg.train_steps:
+                host = [_host(m) for m in window]
+                dt = time.time() - t0
+                scalars = {k: float(np.mean([h[k] for h in host])) for k in host[-1] if np.ndim(host[-1][k]) == 0}
+                scalars.update(steps_per_sec=len(host) / dt, tokens_per_sec=tokens / dt, step_time=dt / len(host))
+                scalars["learning_rate"] = float(optimizer.schedule(done))
+                hist = {"expert_load": np.mean([h["expert_load"] for h in host], axis=0).reshape(-1)} \
+                    if "expert_load" in host[-1] else {}
+                writer.write(done, scalars, hist)
+                bar.set_postfix(loss=f"{scalars['loss']:.3f}", acc=f"{scalars['accuracy']:.3f}",
+                                drop=f"{scalars['tokens_dropped_fraction']:.3f}")
+                window, t0, tokens = [], time.time(), 0
+            bar.update(1)
+            if done % cfg.save_every == 0 and done != cfg.train_steps:
+                ckpt.save(state)
+            if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.train_steps:
+                evaluation.evaluate(model_dir, fns, state.params, model_cfg, cfg, int(done))
+        ckpt.save(state)
+        ckpt.wait()
+        if start < cfg.train_steps:
+            evaluation.evaluate(model_dir, fns, state.params, model_cfg, cfg, cfg.train_steps)
+    finally:
+        bar.close()
+        writer.close()
+        ckpt.close()
+    return state
+
+
+def load_for_eval(model_dir: str, model_cfg, cfg: TrainConfig, checkpoint: str | None = None):
+    """``(StepFns, params, step)`` from ``model_dir``'s latest checkpoint or from ``checkpoint``."""
+    import optax
+
+    mesh = _mesh(cfg.mesh_shape)
+    fns = StepFns(model_cfg, optax.identity(), mesh, loss=cfg.loss, seed=cfg.seed)
+    if checkpoint:
+        return fns, restore_params(checkpoint, fns.abstract_state().params, model_cfg), 0
+    ckpt = Checkpointer(model_dir)
+    step = ckpt.latest_step()
+    if step is None:
+        raise ValueError(f"MODEL_DIR {model_dir!r} has no checkpoint to evaluate; train first or pass a checkpoint")
+    ckpt.close()
+    params = restore_params(model_dir, fns.abstract_state().params, model_cfg)
+    return fns, params, step
+
+
+def run_eval(model_dir: str, model_cfg, cfg: TrainConfig, checkpoint: str | None = None) -> dict:
+    fns, params, step = load_for_eval(model_dir, model_cfg, cfg, checkpoint)
+    return evaluation.evaluate(model_dir, fns, params, model_cfg, cfg, step)
+
+
+def run_infer(model_dir: str, model_cfg, cfg: TrainConfig, checkpoint: str | None = None,
+              split: str = "validation", output: str | None = None) -> str:
+    fns, params, step = load_for_eval(model_dir, model_cfg, cfg, checkpoint)
+    name = cfg.eval_mixture_or_task or cfg.mixture_or_task
+    out = output or os.path.join(model_dir, "infer", f"{name}-{step}.jsonl")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    rows = []
+    for task in evaluation.tasks_of(name):
+        for r in evaluation.predict_task(fns, params, model_cfg, task, cfg, split, cfg.infer_examples):
+            rows.append({"task": task.name, **r})
+    with open(out, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    print(f"wrote {len(rows)} predictions to {out}")
+    return out
+
