@@ -6,6 +6,9 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# the corpus SentencePiece model is trained once and shared by the test workers
+os.environ.setdefault("MOEJAX_CACHE", os.path.join(__import__("tempfile").gettempdir(), "moejax-test-cache"))
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

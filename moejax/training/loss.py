@@ -30,15 +30,15 @@ class LossConfig:
 
 def cross_entropy(logits, targets, weights, z_loss: float = 0.0, label_smoothing: float = 0.0):
     """``logits [b, s, v]``, ``targets [b, s]``, ``weights [b, s]`` ->
-    ``(ce_sum, z_sum, correct_sum, weight_sum)`` (sums over weighted tokens). With smoothing the
-    target distribution is ``(1-a)`` on the label plus ``a/v`` uniform, and the loss is offset by
-    that distribution's entropy (T5X convention: 0 at a perfect prediction)."""
+    ``(ce_sum, z_sum, correct_sum, weight_sum)`` (sums over weighted tokens). With smoothing ``a``
+    the target distribution is ``1-a`` on the label and ``a/(v-1)`` on every other id, and the loss
+    is offset by that distribution's entropy (T5X convention: 0 at a perfect prediction)."""
     v = logits.shape[-1]
     logits = logits.astype(jnp.float32)
     lse = jax.nn.logsumexp(logits, axis=-1)
     logp = logits - lse[..., None]
     conf = 1.0 - label_smoothing
-    low = label_smoothing / v
+    low = label_smoothing / (v - 1)
     onehot = jax.nn.one_hot(targets, v, dtype=jnp.float32)
     soft = onehot * (conf - low) + low
     normalizing = -(conf * jnp.log(conf) + (v - 1) * low * jnp.log(low + 1e-20)) if label_smoothing else 0.0

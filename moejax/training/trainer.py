@@ -23,6 +23,7 @@ from moejax.training.checkpoints import Checkpointer, check_model_dir, restore_p
 from moejax.training.loss import LossConfig
 from moejax.training.optim import make_optimizer
 from moejax.training.state import StepFns
+from moejax.training.upcycle import load_dense_params, upcycle_params
 from moejax.training.writers import MetricWriter
 
 
@@ -46,6 +47,7 @@ class TrainConfig:
     freeze: tuple = ()
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     initial_checkpoint: str | None = None
+    upcycle: bool = False
     mesh_shape: dict | None = None
 
 
@@ -83,6 +85,11 @@ def train(model_dir: str, model_cfg, cfg: TrainConfig, optimizer=None, rules=DEF
     if latest is not None:
         state = ckpt.restore(fns.abstract_state())
         print(f"resumed from {ckpt.directory} at step {latest}")
+    elif cfg.initial_checkpoint and cfg.upcycle:
+        dense, dense_cfg = load_dense_params(cfg.initial_checkpoint)
+        state = fns.init()
+        state = fns.from_params(upcycle_params(dense, state.params, model_cfg))
+        print(f"upcycled the dense {type(dense_cfg).__name__} at {cfg.initial_checkpoint} into an MoE model")
     elif cfg.initial_checkpoint:
         params = restore_params(cfg.initial_checkpoint, fns.abstract_state().params, model_cfg)
         state = fns.from_params(params)
