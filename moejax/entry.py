@@ -41,11 +41,13 @@ def check_required_macros() -> None:
     for name in REQUIRED_MACROS:
         try:
             value = gin.query_parameter(f"{name}/macro.value")
-        except ValueError:
-            if name in ("MODEL", "MODEL_DIR"):         # referenced by every run: must be defined
+        except ValueError as e:
+            if "REQUIRED" in str(e):
+                missing.append(name)
+            elif name in ("MODEL", "MODEL_DIR"):       # referenced by every run: must be defined
                 missing.append(name + (" (load a models/*.gin file)" if name == "MODEL" else ""))
             continue
-        if value is gin.REQUIRED:
+        if value is gin.REQUIRED or repr(value) == "%gin.REQUIRED":
             missing.append(name)
     if missing:
         flags = " ".join(f"--gin.{m}=..." for m in missing)

@@ -93,15 +93,16 @@ def cmd_gin(args, extra) -> int:
 
     gin.clear_config()
     bindings = parse_gin_flags(extra)
-    for paths in args.gin_search_paths or []:
-        for p in paths.split(","):
-            if p:
-                gin.add_config_file_search_path(os.path.abspath(p))
-    gin.add_config_file_search_path(entry.shipped_gin_dir())
+    known = getattr(gin.config, "_LOCATION_PREFIXES", [])
+    dirs = [os.path.abspath(p) for paths in args.gin_search_paths or [] for p in paths.split(",") if p]
+    for d in dirs + [entry.shipped_gin_dir()]:
+        if d not in known:
+            gin.add_config_file_search_path(d)
     if not args.gin_file:
         raise ValueError("no --gin_file given; e.g. --gin_file=examples/tiny_switch_pretrain.gin")
-    gin.parse_config_files_and_bindings(args.gin_file, bindings)
-    entry.check_required_macros()
+    gin.parse_config_files_and_bindings(args.gin_file, bindings, finalize_config=False)
+    entry.check_required_macros()          # names every unset macro (gin's own check stops at the first)
+    gin.finalize()
     model_dir = os.path.abspath(os.path.expanduser(gin.query_parameter("MODEL_DIR/macro.value")))
     os.makedirs(model_dir, exist_ok=True)
     with open(os.path.join(model_dir, "config.gin"), "w") as f:
@@ -135,7 +136,7 @@ def main(argv=None) -> int:
         if extra:
             p.error(f"unrecognized arguments: {' '.join(extra)}")
         return args.fn(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -69,13 +69,24 @@ def dataset(name: str, lengths: dict, batch_size: int, *, encoder_decoder: bool,
     return ds.skip(start_step) if start_step else ds
 
 
-def check_not_truncated(batch: dict, lengths: dict, eos_id: int = 1) -> None:
-    """Raise when every example of ``batch`` lost its EOS to trimming (lengths far too short)."""
-    tgt = batch["decoder_target_tokens"]
-    has_eos = np.any(tgt == eos_id, axis=1)
-    if tgt.shape[0] and not has_eos.any():
-        raise ValueError(f"every example in the first batch was truncated at task_feature_lengths={lengths} "
-                         f"(targets length {tgt.shape[1]}); raise the lengths")
+def check_truncation(name: str, lengths: dict, split: str = "train", n: int = 32, max_fraction: float = 0.5) -> dict:
+    """Sample ``n`` untrimmed examples of every task of ``name``; raise when more than
+    ``max_fraction`` of a feature would be cut by ``lengths``. Returns ``{feature: fraction cut}``."""
+    provider = get_provider(name)
+    tasks = list(provider.tasks) if isinstance(provider, seqio.Mixture) else [provider]
+    cut: dict[str, list] = {}
+    for task in tasks:
+        ds = task.get_dataset(None, split=split, shuffle=False, num_epochs=1, try_in_mem_cache=False)
+        for ex in ds.take(n).as_numpy_iterator():
+            for k in task.output_features:
+                if k in lengths:
+                    cut.setdefault(k, []).append(len(ex[k]) > int(lengths[k]))
+    fractions = {k: float(np.mean(v)) for k, v in cut.items()}
+    bad = {k: f for k, f in fractions.items() if f > max_fraction}
+    if bad:
+        raise ValueError(f"task_feature_lengths {lengths} are too short for {name!r}: "
+                         + ", ".join(f"{100 * f:.0f}% of {k!r} would be truncated" for k, f in bad.items()))
+    return fractions
 
 
 def batch_sharding(mesh, rules=DEFAULT_RULES) -> NamedSharding:

@@ -2,8 +2,9 @@
 the latest, restore onto any mesh, params-only init for finetuning, sparse upcycling.
 
 Layout of ``MODEL_DIR``: ``model_config.json`` (which model the checkpoints belong to),
-``checkpoints/<step>/`` (orbax; the train state as a flat ``{path: array}`` dict, written to a
-temporary directory and renamed, so a killed run never leaves a corrupt checkpoint behind).
+``checkpoints/<step>/{params,opt_state,step}`` (orbax composite items, each a flat
+``{path: array}`` dict, written to a temporary directory and renamed, so a killed run never leaves
+a corrupt checkpoint behind; finetuning reads the ``params`` item alone).
 """
 
 from __future__ import annotations
@@ -67,7 +68,9 @@ class Checkpointer:
         step = int(state.step)
         if step in (self.manager.all_steps() or []):
             return
-        self.manager.save(step, args=ocp.args.StandardSave(_flatten(state)), force=force)
+        items = {k: ocp.args.StandardSave(_flatten(getattr(state, k))) for k in ("params", "opt_state")}
+        items["step"] = ocp.args.StandardSave({"step": state.step})
+        self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -75,8 +78,19 @@ class Checkpointer:
     def restore(self, abstract_state, step: int | None = None):
         """Read ``step`` (default latest) into the shardings of ``abstract_state``."""
         step = self.latest_step() if step is None else step
-        flat = self.manager.restore(step, args=ocp.args.StandardRestore(_flatten(abstract_state)))
-        return _unflatten(abstract_state, flat)
+        items = {k: ocp.args.StandardRestore(_flatten(getattr(abstract_state, k))) for k in ("params", "opt_state")}
+        items["step"] = ocp.args.StandardRestore({"step": abstract_state.step})
+        got = self.manager.restore(step, args=ocp.args.Composite(**items))
+        return type(abstract_state)(params=_unflatten(abstract_state.params, got["params"]),
+                                    opt_state=_unflatten(abstract_state.opt_state, got["opt_state"]),
+                                    step=got["step"]["step"])
+
+    def restore_params(self, abstract_params, step: int | None = None):
+        """Only the ``params`` item (finetuning, eval)."""
+        step = self.latest_step() if step is None else step
+        got = self.manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(_flatten(abstract_params))))
+        return _unflatten(abstract_params, got["params"])
 
     def close(self) -> None:
         self.manager.wait_until_finished()
@@ -94,18 +108,15 @@ def restore_params(path: str, abstract_params, model_cfg=None):
         if model_cfg is not None and _arch(saved) != _arch(model_cfg):
             raise ValueError(f"INITIAL_CHECKPOINT_PATH {path!r} holds another model ({_arch(saved)}), "
                              f"not {_arch(model_cfg)}")
-        mngr = ocp.CheckpointManager(os.path.join(path, "checkpoints"))
-        step = mngr.latest_step()
-        if step is None:
+        ckpt = Checkpointer(path)
+        if ckpt.latest_step() is None:
             raise ValueError(f"INITIAL_CHECKPOINT_PATH {path!r} has no checkpoints")
-        target = {"params/" + k: v for k, v in _flatten(abstract_params).items()}
-        saved_keys = set(mngr.item_metadata(step).keys())
-        missing = sorted(set(target) - saved_keys)
-        if missing:
-            raise ValueError(f"INITIAL_CHECKPOINT_PATH {path!r} lacks params {missing[:3]} (another model?)")
-        restored = mngr.restore(step, args=ocp.args.StandardRestore(target, strict=False))
-        mngr.close()
-        return _unflatten(abstract_params, {k[len("params/"):]: v for k, v in restored.items()})
+        try:
+            return ckpt.restore_params(abstract_params)
+        except (ValueError, KeyError) as e:
+            raise ValueError(f"INITIAL_CHECKPOINT_PATH {path!r} does not hold this model's params: {e}") from None
+        finally:
+            ckpt.close()
     if os.path.exists(os.path.join(path, "config.json")):
         from moejax.convert.checkpoint import restore as restore_model
 

@@ -77,6 +77,7 @@ def train(model_dir: str, model_cfg, cfg: TrainConfig, optimizer=None, rules=DEF
     mesh = _mesh(cfg.mesh_shape)
     enc_dec = isinstance(model_cfg, EncDecConfig)
     data.get_provider(cfg.mixture_or_task)          # fail fast on a name typo
+    data.check_truncation(cfg.mixture_or_task, cfg.task_feature_lengths)
     check_model_dir(model_dir, model_cfg)
     fns = StepFns(model_cfg, optimizer.tx, mesh, loss=cfg.loss, microbatches=cfg.microbatches, seed=cfg.seed,
                   freeze=tuple(cfg.freeze), rules=rules)
@@ -106,8 +107,6 @@ def train(model_dir: str, model_cfg, cfg: TrainConfig, optimizer=None, rules=DEF
     try:
         for step in range(start, cfg.train_steps):
             batch = next(it)
-            if step == start:
-                data.check_not_truncated(batch, cfg.task_feature_lengths)
             tokens += int(np.sum(batch["decoder_target_tokens"] > 0)) + int(
                 np.sum(batch.get("encoder_input_tokens", np.zeros(1)) > 0))
             with jax.set_mesh(mesh):
