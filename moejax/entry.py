@@ -69,9 +69,11 @@ def model_config(name: str = gin.REQUIRED, overrides: dict | None = None, vocab_
 
 @gin.configurable(module="moejax")
 def run(mode: str, model_dir: str = gin.REQUIRED, model=gin.REQUIRED, train_config: TrainConfig = gin.REQUIRED,
-        optimizer=None, checkpoint: str | None = None, compute_dtype: str | None = None):
+        optimizer=None, checkpoint: str | None = None, compute_dtype: str | None = None,
+        expert_dropout: float | None = None):
     """``mode``: ``train`` / ``eval`` / ``infer``. ``model`` is a config (``@moejax.model_config()``);
-    ``compute_dtype='bfloat16'`` computes in bf16 with float32 params."""
+    ``compute_dtype='bfloat16'`` computes in bf16 with float32 params; ``expert_dropout`` sets the
+    MoE layers' dropout on the expert hidden layer (finetuning)."""
     if not model_dir:
         raise ValueError("MODEL_DIR is empty; pass --gin.MODEL_DIR=\"'/path/to/run'\"")
     if compute_dtype:
@@ -79,6 +81,8 @@ def run(mode: str, model_dir: str = gin.REQUIRED, model=gin.REQUIRED, train_conf
 
         dt = jnp.dtype(compute_dtype)
         model = model.replace(dtype=dt, moe=model.moe.replace(dtype=dt) if model.moe is not None else None)
+    if expert_dropout is not None and model.moe is not None:
+        model = model.replace(moe=model.moe.replace(expert_dropout=float(expert_dropout)))
     model_dir = os.path.abspath(os.path.expanduser(model_dir))
     if mode == "train":
         return train(model_dir, model, train_config, optimizer)

@@ -52,7 +52,8 @@ def test_pretrain_then_three_finetuning_regimes(tmp_path):
     assert {"synth_instruct_translate/bleu", "synth_instruct_add/accuracy"} <= set(ev)
     # 3) pretrain -> instruction finetuning -> single-task finetuning
     ft = str(tmp_path / "instruct_then_reverse")
-    stage("finetune", ft, "synth_reverse", 40, 0.01, init=inst)
+    stage("finetune", ft, "synth_reverse", 40, 0.01, init=inst,
+          extra=["--gin.EXPERT_DROPOUT=0.1", "--gin.FREEZE=('router',)"])
     # eval and infer entry points on the last model
     assert main(["eval", "--gin_file=runs/eval.gin", *COMMON, f"--gin.MODEL_DIR='{ft}'",
                  "--gin.MIXTURE_OR_TASK_NAME='synth_reverse'"]) == 0
