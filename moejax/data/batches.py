@@ -70,12 +70,15 @@ def dataset(name: str, lengths: dict, batch_size: int, *, encoder_decoder: bool,
 
 
 def check_truncation(name: str, lengths: dict, split: str = "train", n: int = 32, max_fraction: float = 0.5) -> dict:
-    """Sample ``n`` untrimmed examples of every task of ``name``; raise when more than
-    ``max_fraction`` of a feature would be cut by ``lengths``. Returns ``{feature: fraction cut}``."""
+    """Sample ``n`` untrimmed examples of every input/target task of ``name``; raise when more than
+    ``max_fraction`` of a feature would be cut by ``lengths``. Returns ``{feature: fraction cut}``.
+    Language-modelling tasks (targets only) are exempt: cutting documents to length is their norm."""
     provider = get_provider(name)
     tasks = list(provider.tasks) if isinstance(provider, seqio.Mixture) else [provider]
     cut: dict[str, list] = {}
     for task in tasks:
+        if "inputs" not in task.output_features:
+            continue
         ds = task.get_dataset(None, split=split, shuffle=False, num_epochs=1, try_in_mem_cache=False)
         for ex in ds.take(n).as_numpy_iterator():
             for k in task.output_features:

@@ -3,7 +3,7 @@
 Components are read from module types and logical axes, never from parameter names:
 routed experts (params of a MoE layer's experts), router, attention, embeddings (params with a
 ``vocab`` axis), dense FFN, norms. Active parameters per token count a MoE layer's routed experts
-at ``top_k / num_experts`` (recursively for hierarchical MoE).
+at ``min(top_k, num_experts) / num_experts`` (merged experts: at most one per choice) (recursively for hierarchical MoE).
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def count(model: nnx.Module) -> ParamReport:
             walk(module.router, frac, "router")
             if module.shared is not None:
                 walk(module.shared, frac, "shared_experts")
-            walk(module.experts, frac * module.cfg.top_k / module.cfg.num_experts, "experts")
+            walk(module.experts, frac * min(module.cfg.top_k, module.cfg.num_experts) / module.cfg.num_experts, "experts")
             return
         comp = types.get(type(module), inherited)
         for _, var in _own_params(module):

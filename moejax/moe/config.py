@@ -55,7 +55,13 @@ class MoeConfig:
       training), eom_rate (NLLB "expert output masking" as transformers implements it: element-wise
       inverted dropout on each expert's output in training, outputs scaled by ``1 - eom_rate`` in
       eval), num_shared_experts / shared_d_ff (always-on dense experts added to the output),
-      inner (an :class:`MoeConfig` making every expert itself an MoE layer: hierarchical MoE).
+      inner (an :class:`MoeConfig` making every expert itself an MoE layer: hierarchical MoE),
+      expert_map (merged experts: a tuple with one entry per router output, router output ``i``
+      being served by physical expert ``expert_map[i]``; the router keeps ``len(expert_map)``
+      outputs, capacity is computed for the ``num_experts`` physical experts. Set by
+      :mod:`moejax.inference.merging`; top-k routers only), quant_bits / quant_group_size
+      (weight-only int8 / int4 expert weights with per-channel or per-group scales, dequantized
+      inside the expert matmul; set by :mod:`moejax.inference.quantize`, inference only).
 
     Numerics and layout
       dtype: compute dtype of the experts; param_dtype: parameter dtype. The router always computes
@@ -89,6 +95,9 @@ class MoeConfig:
     num_shared_experts: int = 0
     shared_d_ff: int | None = None
     inner: "MoeConfig | None" = None
+    expert_map: tuple | None = None
+    quant_bits: int | None = None
+    quant_group_size: int | None = None
     backend: str = "gather"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
@@ -96,6 +105,11 @@ class MoeConfig:
 
     def replace(self, **kw) -> "MoeConfig":
         return dataclasses.replace(self, **kw)
+
+    @property
+    def router_width(self) -> int:
+        """Number of router outputs (``num_experts`` unless experts were merged)."""
+        return self.num_experts if self.expert_map is None else len(self.expert_map)
 
     def validate(self) -> "MoeConfig":
         """Fail fast with a clear message naming the offending value."""
@@ -113,11 +127,18 @@ class MoeConfig:
             raise ValueError(f"num_experts must be >= 1, got {self.num_experts}")
         if self.top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
-        if self.top_k > self.num_experts:
+        if self.top_k > self.router_width:
             raise ValueError(
-                f"top_k={self.top_k} > num_experts={self.num_experts}; top_k must be in "
-                f"[1, {self.num_experts}]"
+                f"top_k={self.top_k} > num_experts={self.router_width}; top_k must be in "
+                f"[1, {self.router_width}]"
             )
+        if self.quant_bits is not None and self.quant_bits not in (8, 4):
+            raise ValueError(f"unsupported quantization bit width {self.quant_bits}; valid: 8, 4")
+        if self.expert_map is not None:
+            bad = [v for v in self.expert_map if not 0 <= int(v) < self.num_experts]
+            if bad or self.router != "top_k":
+                raise ValueError(f"expert_map entries must lie in [0, {self.num_experts}) and need router='top_k'; "
+                                 f"got {bad or self.router!r}")
         if self.second_expert_policy != "all" and not (self.router == "top_k" and self.top_k == 2):
             raise ValueError(
                 f"second_expert_policy={self.second_expert_policy!r} needs router='top_k' with "

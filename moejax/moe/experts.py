@@ -60,6 +60,48 @@ def _kernel(rngs, shape, dtype, axes):
     return nnx.Param(init(rngs.params(), shape, dtype), logical_axes=axes)
 
 
+QUANT_BITS = (8, 4)
+
+
+def quantize_weight(w: jax.Array, bits: int, group_size: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """Symmetric weight-only quantization of ``w [..., e, din, dout]`` to int8 / int4.
+
+    Scales are per output channel (``[..., e, dout]``) or, with ``group_size``, per group of
+    ``group_size`` input rows and output channel (``[..., e, din/group_size, dout]``);
+    ``q = round(w / scale)`` in ``[-(2^(bits-1)-1), 2^(bits-1)-1]``, so ``|w - q*scale| <= scale/2``.
+    """
+    if bits not in QUANT_BITS:
+        raise ValueError(f"unsupported quantization bit width {bits}; valid: {', '.join(map(str, QUANT_BITS))}")
+    qmax = 2 ** (bits - 1) - 1
+    w = jnp.asarray(w, jnp.float32)
+    din = w.shape[-2]
+    if group_size is not None:
+        if group_size < 1 or din % group_size:
+            raise ValueError(f"quant_group_size={group_size} must divide the input dimension {din}")
+        wg = w.reshape(w.shape[:-2] + (din // group_size, group_size, w.shape[-1]))
+        scale = jnp.max(jnp.abs(wg), axis=-2) / qmax
+        q = jnp.round(wg / jnp.maximum(scale, 1e-30)[..., None, :]).reshape(w.shape)
+    else:
+        scale = jnp.max(jnp.abs(w), axis=-2) / qmax
+        q = jnp.round(w / jnp.maximum(scale, 1e-30)[..., None, :])
+    dtype = jnp.int8 if bits == 8 else jnp.int4
+    return jnp.clip(q, -qmax, qmax).astype(dtype), scale
+
+
+def dequantize_weight(q: jax.Array, scale: jax.Array, group_size: int | None, dtype=jnp.float32) -> jax.Array:
+    """Inverse of :func:`quantize_weight` (up to rounding)."""
+    qf = q.astype(jnp.float32)
+    if group_size is None:
+        return (qf * scale[..., None, :]).astype(dtype)
+    din = q.shape[-2]
+    qg = qf.reshape(q.shape[:-2] + (din // group_size, group_size, q.shape[-1]))
+    return (qg * scale[..., None, :]).reshape(q.shape).astype(dtype)
+
+
+def _scale_axes(axes, group_size):
+    return (axes[0], None, axes[2]) if group_size is not None else (axes[0], axes[2])
+
+
 class Experts(nnx.Module):
     """``E`` independent FFNs ``wo(act(x wi))`` (or ``wo(act(x wi_0) * x wi_1)`` when gated).
 
@@ -69,8 +111,10 @@ class Experts(nnx.Module):
 
     def __init__(self, num_experts: int, d_model: int, d_ff: int, *, activation: str = "relu",
                  use_bias: bool = False, dropout: float = 0.0, dtype=jnp.float32,
-                 param_dtype=jnp.float32, expert_axis: str = "expert", rngs: nnx.Rngs):
+                 param_dtype=jnp.float32, expert_axis: str = "expert", quant_bits: int | None = None,
+                 quant_group_size: int | None = None, rngs: nnx.Rngs):
         self.act, self.gated = activation_fn(activation)
+        self.quant_bits, self.quant_group_size = quant_bits, quant_group_size
         self.num_experts, self.dtype = num_experts, dtype
         ea = expert_axis
         up_axes, down_axes = (ea, "embed", "mlp"), (ea, "mlp", "embed")
@@ -88,9 +132,38 @@ class Experts(nnx.Module):
             self.bo = nnx.Param(jnp.zeros((num_experts, d_model), param_dtype), logical_axes=(ea, "embed"))
         self.use_bias = use_bias
         self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else None
+        if quant_bits is not None:
+            for name in self.weight_names():
+                w = getattr(self, name)
+                q, scale = quantize_weight(w[...], quant_bits, quant_group_size)
+                axes = w.get_metadata()["logical_axes"]
+                setattr(self, name, nnx.Param(q, logical_axes=axes))
+                setattr(self, name + "_scale", nnx.Param(scale, logical_axes=_scale_axes(axes, quant_group_size)))
+
+    def weight_names(self) -> tuple[str, ...]:
+        return ("wi_0", "wi_1", "wo") if self.gated else ("wi", "wo")
 
     def _p(self, name):
+        """Weight ``name`` in the compute dtype (dequantized when the experts are quantized)."""
+        if self.quant_bits is not None and name in self.weight_names():
+            return dequantize_weight(getattr(self, name)[...], getattr(self, name + "_scale")[...],
+                                     self.quant_group_size, self.dtype)
         return getattr(self, name)[...].astype(self.dtype)
+
+    def _mm(self, spec: str, x: jax.Array, name: str) -> jax.Array:
+        """``einsum(spec, x, W)`` with ``spec`` ``'end,edf->enf'``-shaped; for quantized weights
+        the dequantization is fused: int weights are cast, the per-channel scale multiplies the
+        output (per-group scales multiply each group's partial sums)."""
+        if self.quant_bits is None or name not in self.weight_names():
+            return jnp.einsum(spec, x, self._p(name))
+        q, scale = getattr(self, name)[...], getattr(self, name + "_scale")[...].astype(self.dtype)
+        if self.quant_group_size is None:
+            return jnp.einsum(spec, x, q.astype(self.dtype)) * scale[:, None, :]
+        e, din, dout = q.shape
+        gs = self.quant_group_size
+        xg = x.reshape(x.shape[0], x.shape[1], din // gs, gs)
+        part = jnp.einsum("engs,egsf->engf", xg, q.reshape(e, din // gs, gs, dout).astype(self.dtype))
+        return jnp.sum(part * scale[:, None], axis=2)
 
     def _hidden(self, up, up_gate, deterministic, rngs):
         """up: x@wi (or x@wi_0), up_gate: x@wi_1 (gated only) -> hidden activations."""
@@ -109,18 +182,18 @@ class Experts(nnx.Module):
         lead = x.shape[1:-1]
         x2 = x.reshape(e, -1, x.shape[-1]).astype(self.dtype)
         if self.gated:
-            up = jnp.einsum("end,edf->enf", x2, self._p("wi_0"))
-            gate = jnp.einsum("end,edf->enf", x2, self._p("wi_1"))
+            up = self._mm("end,edf->enf", x2, "wi_0")
+            gate = self._mm("end,edf->enf", x2, "wi_1")
             if self.use_bias:
                 up = up + self._p("bi")[:, None]
                 gate = gate + self._p("bi_1")[:, None]
         else:
-            up = jnp.einsum("end,edf->enf", x2, self._p("wi"))
+            up = self._mm("end,edf->enf", x2, "wi")
             gate = None
             if self.use_bias:
                 up = up + self._p("bi")[:, None]
         h = self._hidden(up, gate, deterministic, rngs)
-        y = jnp.einsum("enf,efd->end", h, self._p("wo"))
+        y = self._mm("enf,efd->end", h, "wo")
         if self.use_bias:
             y = y + self._p("bo")[:, None]
         return y.reshape(e, *lead, y.shape[-1])

@@ -84,7 +84,7 @@ class MoeLayer(nnx.Module):
         cfg.validate()
         self.cfg = cfg
         self.deterministic = False
-        self.router = Router(cfg.d_model, cfg.num_experts, use_bias=cfg.router_bias,
+        self.router = Router(cfg.d_model, cfg.router_width, use_bias=cfg.router_bias,
                               noisy=cfg.router == "noisy_top_k", init_std=cfg.router_init_std,
                               param_dtype=cfg.param_dtype, rngs=rngs)
         if cfg.inner is not None:
@@ -95,7 +95,8 @@ class MoeLayer(nnx.Module):
         else:
             self.experts = Experts(cfg.num_experts, cfg.d_model, cfg.d_ff, activation=cfg.activation,
                                    use_bias=cfg.use_bias, dropout=cfg.expert_dropout, dtype=cfg.dtype,
-                                   param_dtype=cfg.param_dtype, rngs=rngs)
+                                   param_dtype=cfg.param_dtype, quant_bits=cfg.quant_bits,
+                                   quant_group_size=cfg.quant_group_size, rngs=rngs)
         self.shared = (
             DenseFFN(cfg.d_model, (cfg.shared_d_ff or cfg.d_ff) * cfg.num_shared_experts,
                      activation=cfg.activation, use_bias=cfg.use_bias, dtype=cfg.dtype,
@@ -108,8 +109,8 @@ class MoeLayer(nnx.Module):
     def capacity(self, tokens_per_group: int, deterministic: bool) -> int:
         """Slots per expert and group for this call (see the class docstring)."""
         cfg = self.cfg
-        if cfg.dropless:
-            return tokens_per_group
+        if cfg.dropless:   # merged experts can receive up to k choices of one token
+            return tokens_per_group * (cfg.top_k if cfg.expert_map is not None else 1)
         if cfg.expert_capacity is not None:
             return cfg.expert_capacity
         cf = cfg.capacity_factor_eval if deterministic else cfg.capacity_factor_train
@@ -140,7 +141,8 @@ class MoeLayer(nnx.Module):
             rng = rngs.routing()
         plan = top_k_route(logits, k=cfg.top_k, capacity=cap, token_mask=mask, policy=cfg.second_expert_policy,
                            weight_norm=cfg.weight_norm, batch_prioritized=cfg.batch_prioritized, train=train,
-                           rng=rng)
+                           rng=rng, expert_map=None if cfg.expert_map is None else jnp.asarray(cfg.expert_map),
+                           num_experts=cfg.num_experts)
         probs = jax.nn.softmax(logits, axis=-1)
         if cfg.router == "noisy_top_k":
             g = xg.shape[0]
@@ -265,7 +267,7 @@ class MoeLayer(nnx.Module):
         load = jnp.sum(jax.nn.one_hot(plan.expert, e, dtype=jnp.float32) * plan.kept[..., None], axis=(0, 1))
         load = load / jnp.maximum(jnp.sum(load), 1.0)
         m = mask.astype(jnp.float32)
-        sel = jnp.sum(jax.nn.one_hot(plan.selected, e, dtype=jnp.float32), axis=2)  # [g, t, e]
+        sel = jnp.sum(jax.nn.one_hot(plan.selected, probs.shape[-1], dtype=jnp.float32), axis=2)  # router space
         ent = -jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-30)), axis=-1)
         return MoeStats(
             load_balancing_loss=lb,

@@ -111,6 +111,8 @@ def top_k_route(
     train: bool = False,
     rng: jax.Array | None = None,
     probs: jax.Array | None = None,
+    expert_map: jax.Array | None = None,
+    num_experts: int | None = None,
 ) -> RoutingPlan:
     """Tokens choose their top-k experts (Switch k=1, GShard / Mixtral k=2, or any k).
 
@@ -127,6 +129,8 @@ def top_k_route(
       train: training mode (enables the random policies).
       rng: PRNG key for the random policies.
       probs: optional ``[g, t, e]`` probabilities to use instead of ``softmax(logits)``.
+      expert_map: optional ``[e]`` int: router output ``i`` is served by expert ``expert_map[i]``
+        of ``num_experts`` physical experts (merged experts); ``selected`` stays in router space.
 
     Returns:
       a token-major :class:`RoutingPlan` with ``a = k * t``.
@@ -156,8 +160,9 @@ def top_k_route(
     def flat(z):
         return jnp.swapaxes(z, 1, 2).reshape(g, k * t)
 
-    expert_f, routed_f = flat(idx), flat(routed)
-    slot, kept = assign_slots(expert_f, _priority(probs, k, batch_prioritized), routed_f, e, capacity)
+    phys = e if expert_map is None else int(num_experts)
+    expert_f, routed_f = flat(idx if expert_map is None else jnp.asarray(expert_map, jnp.int32)[idx]), flat(routed)
+    slot, kept = assign_slots(expert_f, _priority(probs, k, batch_prioritized), routed_f, phys, capacity)
     gate_f = flat(gate)
     if weight_norm == "topk":
         denom = flat(jnp.broadcast_to(jnp.sum(gate, axis=-1, keepdims=True), gate.shape))
@@ -172,7 +177,7 @@ def top_k_route(
     weight = jnp.where(kept, weight, 0.0)
     token = jnp.broadcast_to(jnp.tile(jnp.arange(t, dtype=jnp.int32), k), (g, k * t))
     return RoutingPlan(token=token, expert=expert_f, slot=slot, weight=weight, routed=routed_f, kept=kept,
-                       selected=idx, num_experts=e, capacity=capacity, layout="token_major")
+                       selected=idx, num_experts=phys, capacity=capacity, layout="token_major")
 
 
 def expert_choice_route(logits: jax.Array, *, capacity: int, token_mask: jax.Array) -> RoutingPlan:
