@@ -4,6 +4,10 @@
 ``moejax convert --hf_dir DIR --out CKPT``: a HF checkpoint (Mixtral / Llama / Mistral, Switch / T5,
 NLLB-MoE) to a moejax orbax checkpoint (restore with ``moejax.convert.checkpoint.restore``).
 
+``moejax merge --checkpoint DIR --num_experts N [--method frequency] --out CKPT`` and
+``moejax quantize --checkpoint DIR --bits 8|4 [--group_size G] --out CKPT``: compress a trained
+model's experts (a moejax checkpoint usable as ``INITIAL_CHECKPOINT_PATH`` or with ``restore``).
+
 ``moejax train|eval|infer --gin_file=FILE [--gin_file=...] [--gin_search_paths=DIRS]
 [--gin.MACRO=VALUE ...]``: the gin-configured T5X-style entry points. The shipped ``gin/``
 directory is always on the search path, so ``--gin_file=runs/pretrain.gin`` works anywhere; the
@@ -66,6 +70,46 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def _calibration(model, task: str, n: int, lengths: dict):
+    from moejax.data import batches
+    from moejax.models.encdec import EncDecConfig
+
+    ds = batches.dataset(task, lengths, 16, encoder_decoder=isinstance(model.cfg, EncDecConfig), split="validation",
+                         shuffle=False, repeat=True)
+    return list(ds.take(n).as_numpy_iterator())
+
+
+def cmd_merge(args) -> int:
+    from moejax.convert import checkpoint
+    from moejax.inference.merging import expert_usage, merge_experts, param_counts
+    from moejax.training.checkpoints import load_model
+
+    model = load_model(args.checkpoint)
+    usage = None
+    if args.method == "frequency":
+        lengths = {"inputs": args.inputs_length, "targets": args.targets_length}
+        usage = expert_usage(model, _calibration(model, args.calibration_task, args.calibration_batches, lengths))
+    merged = merge_experts(model, args.num_experts, args.method, args.group_by, usage)
+    checkpoint.save(merged, args.out)
+    (t0, a0), (t1, a1) = param_counts(model), param_counts(merged)
+    print(f"merged {model.cfg.moe.num_experts} -> {args.num_experts} experts ({args.method}, groups by "
+          f"{args.group_by}): total {t0:,} -> {t1:,} params, active {int(a0):,} -> {int(a1):,}; wrote {args.out}")
+    return 0
+
+
+def cmd_quantize(args) -> int:
+    from moejax.convert import checkpoint
+    from moejax.inference.quantize import expert_weight_bytes, quantize_model
+    from moejax.training.checkpoints import load_model
+
+    model = load_model(args.checkpoint)
+    q = quantize_model(model, args.bits, args.group_size)
+    checkpoint.save(q, args.out)
+    print(f"quantized experts to int{args.bits}" + (f" (groups of {args.group_size})" if args.group_size else "")
+          + f": expert weights {expert_weight_bytes(model):,} -> {expert_weight_bytes(q):,} bytes; wrote {args.out}")
+    return 0
+
+
 def parse_gin_flags(extra: list[str]) -> list[str]:
     """``['--gin.TRAIN_STEPS=10', '--gin.MODEL_DIR', "'/tmp/x'"]`` -> gin binding strings."""
     out, i = [], 0
@@ -124,6 +168,23 @@ def main(argv=None) -> int:
     pc.add_argument("--hf_dir", required=True)
     pc.add_argument("--out", required=True)
     pc.set_defaults(fn=cmd_convert)
+    pm = sub.add_parser("merge", help="merge each MoE layer's experts into fewer (1 = dense)")
+    pm.add_argument("--checkpoint", required=True, help="trainer MODEL_DIR or moejax checkpoint")
+    pm.add_argument("--num_experts", type=int, required=True)
+    pm.add_argument("--method", default="uniform", choices=["uniform", "frequency"])
+    pm.add_argument("--group_by", default="index", choices=["index", "weights", "router"])
+    pm.add_argument("--calibration_task", default="corpus_span_corruption")
+    pm.add_argument("--calibration_batches", type=int, default=4)
+    pm.add_argument("--inputs_length", type=int, default=64)
+    pm.add_argument("--targets_length", type=int, default=32)
+    pm.add_argument("--out", required=True)
+    pm.set_defaults(fn=cmd_merge)
+    pq = sub.add_parser("quantize", help="weight-only int8 / int4 expert quantization")
+    pq.add_argument("--checkpoint", required=True, help="trainer MODEL_DIR or moejax checkpoint")
+    pq.add_argument("--bits", type=int, default=8)
+    pq.add_argument("--group_size", type=int, default=None)
+    pq.add_argument("--out", required=True)
+    pq.set_defaults(fn=cmd_quantize)
     for mode in ("train", "eval", "infer"):
         pg = sub.add_parser(mode, help=f"gin-configured {mode} (T5X flags)")
         pg.add_argument("--gin_file", action="append", default=[], help="repeatable; searched on the gin paths")

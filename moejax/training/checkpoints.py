@@ -133,3 +133,28 @@ def _arch(cfg) -> tuple:
     keys = ("vocab_size", "d_model", "num_layers", "num_encoder_layers", "num_decoder_layers", "num_heads",
             "head_dim", "d_ff")
     return (type(cfg).__name__,) + tuple(getattr(cfg, k, None) for k in keys)
+
+
+def load_model(path: str):
+    """The model stored at ``path`` (a trainer ``MODEL_DIR``'s latest checkpoint, or a
+    :func:`moejax.convert.checkpoint.save` directory), unsharded, for inference tools."""
+    from moejax.models.params import build_model
+
+    path = os.path.abspath(path)
+    cfg_file = os.path.join(path, "model_config.json")
+    if os.path.exists(cfg_file):
+        with open(cfg_file) as f:
+            cfg = config_from_json(json.load(f))
+        abstract = nnx.eval_shape(lambda: build_model(cfg, nnx.Rngs(0)))
+        dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=dev),
+                              nnx.state(abstract, nnx.Param))
+        params = restore_params(path, target, cfg)
+        model = build_model(cfg, nnx.Rngs(0))
+        nnx.update(model, params)
+        return model
+    if os.path.exists(os.path.join(path, "config.json")):
+        from moejax.convert.checkpoint import restore as restore_model
+
+        return restore_model(path)
+    raise ValueError(f"{path!r} is neither a moejax MODEL_DIR nor a model checkpoint")

@@ -106,3 +106,17 @@ def test_quantize_errors():
         quantize_model(quantize_model(model(), 8), 4)
     with pytest.raises(ValueError, match="no MoE experts"):
         quantize_model(model("tiny_llama"), 8)
+
+
+def test_merge_and_quantize_cli(tmp_path, capsys):
+    from moejax.main import main
+
+    src = str(tmp_path / "src")
+    save(model("tiny_mixtral"), src)
+    assert main(["quantize", "--checkpoint", src, "--bits", "4", "--group_size", "16", "--out", str(tmp_path / "q")]) == 0
+    assert restore(str(tmp_path / "q")).cfg.moe.quant_bits == 4
+    assert main(["merge", "--checkpoint", src, "--num_experts", "2", "--out", str(tmp_path / "m")]) == 0
+    assert restore(str(tmp_path / "m")).cfg.moe.num_experts == 2
+    assert "merged 4 -> 2 experts" in capsys.readouterr().out
+    assert main(["quantize", "--checkpoint", src, "--bits", "2", "--out", str(tmp_path / "q2")]) == 2
+    assert "unsupported quantization bit width 2" in capsys.readouterr().err
