@@ -19,7 +19,7 @@ from moejax.training.optim import make_optimizer
 from moejax.training.trainer import TrainConfig, run_eval, run_infer, train
 
 REQUIRED_MACROS = ("MODEL_DIR", "MODEL", "MIXTURE_OR_TASK_NAME", "TASK_FEATURE_LENGTHS", "TRAIN_STEPS",
-                   "INITIAL_CHECKPOINT_PATH")
+                   "INITIAL_CHECKPOINT_PATH", "TEACHER_CHECKPOINT")
 
 gin.external_configurable(TrainConfig, module="moejax")
 gin.external_configurable(LossConfig, module="moejax")

@@ -77,15 +77,34 @@ def moe_metrics(stats) -> dict:
     return out
 
 
-def loss_fn(model, batch, cfg: LossConfig, deterministic: bool = False):
-    """``(total / weight_sum, metrics)``; metrics hold the separate sums and MoE statistics."""
+def distill_kl(student_logits, teacher_logits, weights, temperature: float = 1.0):
+    """Soft-target loss summed over weighted tokens: ``T^2 * KL(softmax(t/T) || softmax(s/T))``
+    (Hinton et al.; the ``T^2`` keeps gradient scales comparable across temperatures)."""
+    t = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / temperature, axis=-1)
+    s = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
+    kl = jnp.sum(jnp.exp(t) * (t - s), axis=-1)
+    return temperature**2 * jnp.sum(kl * weights.astype(jnp.float32))
+
+
+def loss_fn(model, batch, cfg: LossConfig, deterministic: bool = False, teacher_logits=None,
+            distill_alpha: float = 0.0, distill_temperature: float = 1.0):
+    """``(total / weight_sum, metrics)``; metrics hold the separate sums and MoE statistics.
+
+    With ``teacher_logits`` (distillation): ``alpha * soft + (1 - alpha) * (hard CE + z-loss)``
+    plus the router losses, the soft part from :func:`distill_kl`."""
     logits, stats = forward(model, batch, deterministic)
-    ce, z, correct, n = cross_entropy(logits, batch["decoder_target_tokens"], batch["decoder_loss_weights"],
-                                      cfg.z_loss, cfg.label_smoothing)
+    weights = batch["decoder_loss_weights"]
+    ce, z, correct, n = cross_entropy(logits, batch["decoder_target_tokens"], weights, cfg.z_loss,
+                                      cfg.label_smoothing)
     moe = moe_metrics(stats)
     n_safe = jnp.maximum(n, 1.0)
-    total = (ce + z) / n_safe + cfg.aux_loss_factor * moe["load_balancing_loss"] + \
-        cfg.router_z_loss_factor * moe["router_z_loss"]
+    task = (ce + z) / n_safe
+    extra = {}
+    if teacher_logits is not None:
+        soft = distill_kl(logits, teacher_logits, weights, distill_temperature) / n_safe
+        task = distill_alpha * soft + (1.0 - distill_alpha) * task
+        extra["distill_kl"] = soft
+    total = task + cfg.aux_loss_factor * moe["load_balancing_loss"] + cfg.router_z_loss_factor * moe["router_z_loss"]
     metrics = {"loss": total, "cross_entropy": ce / n_safe, "z_loss": z / n_safe, "accuracy": correct / n_safe,
-               "weight_sum": n, **moe}
+               "weight_sum": n, **moe, **extra}
     return total, metrics

@@ -19,7 +19,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from moejax.models.params import build_model
 from moejax.sharding import DEFAULT_RULES, state_shardings
-from moejax.training.loss import LossConfig, loss_fn
+from moejax.training.loss import LossConfig, forward, loss_fn
 from moejax.training.roles import freeze_labels
 
 
@@ -84,6 +84,9 @@ class StepFns:
     seed: int = 0
     freeze: tuple = ()
     rules: Any = DEFAULT_RULES
+    teacher: Any = None              # a trained nnx model (distillation); its params enter the step as an argument
+    distill_alpha: float = 0.75
+    distill_temperature: float = 1.0
 
     def __post_init__(self):
         cfg, seed = self.model_cfg, self.seed
@@ -107,8 +110,17 @@ class StepFns:
         with jax.set_mesh(self.mesh):
             self.rest0 = jax.jit(lambda: nnx.split(self.factory(), nnx.Param, ...)[2],
                                  out_shardings=rep)()
-        self.train_step = jax.jit(self._train_step, in_shardings=(self.state_shardings, None),
-                                  out_shardings=(self.state_shardings, None), donate_argnums=(0,))
+        if self.teacher is not None:
+            if self.teacher.cfg.vocab_size != cfg.vocab_size:
+                raise ValueError(f"cannot distill across vocabularies: teacher vocab_size={self.teacher.cfg.vocab_size}"
+                                 f", student vocab_size={cfg.vocab_size}")
+            if type(self.teacher.cfg) is not type(cfg):
+                raise ValueError(f"teacher is a {type(self.teacher.cfg).__name__} but the student a "
+                                 f"{type(cfg).__name__}; distill within one architecture family")
+            self.teacher_graphdef, self.teacher_state = nnx.split(self.teacher)
+        jitted = jax.jit(self._train_step, in_shardings=(self.state_shardings, None, None),
+                         out_shardings=(self.state_shardings, None), donate_argnums=(0,))
+        self.train_step = lambda state, batch: jitted(state, batch, getattr(self, "teacher_state", None))
         self.eval_step = jax.jit(self._eval_step, in_shardings=(self.param_shardings, None))
 
     def abstract_state(self) -> TrainState:
@@ -143,11 +155,17 @@ class StepFns:
         rest = self.rest0 if step is None else jax.tree.map(lambda x: _fold(x, step) if _is_key(x) else x, self.rest0)
         return nnx.merge(self.graphdef, params, rest)
 
-    def _loss(self, params, batch, step):
-        return loss_fn(self.model(params, step), batch, self.loss, deterministic=False)
+    def _loss(self, params, batch, step, teacher_logits=None):
+        return loss_fn(self.model(params, step), batch, self.loss, deterministic=False, teacher_logits=teacher_logits,
+                       distill_alpha=self.distill_alpha, distill_temperature=self.distill_temperature)
 
-    def _train_step(self, state: TrainState, batch):
-        grad_fn = jax.value_and_grad(self._loss, has_aux=True)
+    def _train_step(self, state: TrainState, batch, teacher_state=None):
+        loss = self._loss
+        if teacher_state is not None:
+            def loss(params, mb, step):
+                t_logits, _ = forward(nnx.merge(self.teacher_graphdef, teacher_state), mb, deterministic=True)
+                return self._loss(params, mb, step, jax.lax.stop_gradient(t_logits))
+        grad_fn = jax.value_and_grad(loss, has_aux=True)
         m = self.microbatches
         if m == 1:
             (_, metrics), grads = grad_fn(state.params, batch, state.step)

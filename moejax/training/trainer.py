@@ -14,6 +14,7 @@ import os
 import time
 import jax
 import numpy as np
+from flax import nnx
 from tqdm import tqdm
 
 from moejax.data import batches as data
@@ -22,6 +23,7 @@ from moejax.training import evaluation
 from moejax.training.checkpoints import Checkpointer, check_model_dir, restore_params
 from moejax.training.loss import LossConfig
 from moejax.training.optim import make_optimizer
+from moejax.training.distill import init_student_from_teacher
 from moejax.training.state import StepFns
 from moejax.training.upcycle import load_dense_params, upcycle_params
 from moejax.training.writers import MetricWriter
@@ -48,6 +50,10 @@ class TrainConfig:
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     initial_checkpoint: str | None = None
     upcycle: bool = False
+    teacher_checkpoint: str | None = None
+    distill_alpha: float = 0.75
+    distill_temperature: float = 1.0
+    init_from_teacher: bool = True
     mesh_shape: dict | None = None
 
 
@@ -79,8 +85,10 @@ def train(model_dir: str, model_cfg, cfg: TrainConfig, optimizer=None, rules=DEF
     data.get_provider(cfg.mixture_or_task)          # fail fast on a name typo
     data.check_truncation(cfg.mixture_or_task, cfg.task_feature_lengths)
     check_model_dir(model_dir, model_cfg)
+    teacher = _load_teacher(cfg.teacher_checkpoint, mesh, rules) if cfg.teacher_checkpoint else None
     fns = StepFns(model_cfg, optimizer.tx, mesh, loss=cfg.loss, microbatches=cfg.microbatches, seed=cfg.seed,
-                  freeze=tuple(cfg.freeze), rules=rules)
+                  freeze=tuple(cfg.freeze), rules=rules, teacher=teacher, distill_alpha=cfg.distill_alpha,
+                  distill_temperature=cfg.distill_temperature)
     ckpt = Checkpointer(model_dir, keep=cfg.keep)
     latest = ckpt.latest_step()
     if latest is not None:
@@ -95,6 +103,10 @@ def train(model_dir: str, model_cfg, cfg: TrainConfig, optimizer=None, rules=DEF
         params = restore_params(cfg.initial_checkpoint, fns.abstract_state().params, model_cfg)
         state = fns.from_params(params)
         print(f"initialised params from {cfg.initial_checkpoint} (optimizer reset)")
+    elif teacher is not None and cfg.init_from_teacher:
+        params, copied, total = init_student_from_teacher(fns.init().params, nnx.state(teacher, nnx.Param))
+        state = fns.from_params(params)
+        print(f"student initialised from the teacher's non-expert weights ({copied:.0f} of {total} tensors)")
     else:
         state = fns.init()
     start = int(state.step)
@@ -139,6 +151,17 @@ def train(model_dir: str, model_cfg, cfg: TrainConfig, optimizer=None, rules=DEF
         writer.close()
         ckpt.close()
     return state
+
+
+def _load_teacher(path: str, mesh, rules):
+    """The trained teacher model from ``path``, its params placed in their shardings on ``mesh``."""
+    from moejax.sharding import state_shardings
+    from moejax.training.checkpoints import load_model
+
+    teacher = load_model(path)
+    state = nnx.state(teacher)
+    nnx.update(teacher, jax.device_put(state, state_shardings(state, mesh, rules)))
+    return teacher
 
 
 def load_for_eval(model_dir: str, model_cfg, cfg: TrainConfig, checkpoint: str | None = None):
