@@ -52,19 +52,46 @@ def check_lengths(lengths: dict, provider: seqio.DatasetProviderBase) -> None:
             raise ValueError(f"task_feature_lengths[{k!r}]={v} is too short; use at least 4 tokens")
 
 
+def task_names(name: str) -> list[str]:
+    """The tasks of a mixture (sorted by name; a task id is an index into this list) or ``[name]``."""
+    provider = get_provider(name)
+    return sorted(t.name for t in provider.tasks) if isinstance(provider, seqio.Mixture) else [name]
+
+
 def dataset(name: str, lengths: dict, batch_size: int, *, encoder_decoder: bool, split: str = "train",
-            seed: int = 0, shuffle: bool = True, repeat: bool = True, start_step: int = 0):
-    """A ``tf.data`` dataset of this process's batches (numpy dicts via ``as_numpy_iterator``)."""
+            seed: int = 0, shuffle: bool = True, repeat: bool = True, start_step: int = 0,
+            with_task_ids: bool = False):
+    """A ``tf.data`` dataset of this process's batches (numpy dicts via ``as_numpy_iterator``).
+
+    ``with_task_ids`` adds ``task_ids [b]`` (the example's index in :func:`task_names`) for
+    task-level routing; mixtures are then sampled here with the mixture's rates and ``seed``."""
+    import tensorflow as tf
+
     provider = get_provider(name)
     check_lengths(lengths, provider)
     pc, pi = jax.process_count(), jax.process_index()
     if batch_size % pc:
         raise ValueError(f"batch_size={batch_size} is not divisible by the {pc} processes")
-    ds = seqio.get_dataset(name, task_feature_lengths={k: int(v) for k, v in lengths.items()
-                                                       if k in provider.output_features},
-                           dataset_split=split, shuffle=shuffle, num_epochs=None if repeat else 1,
-                           feature_converter=feature_converter(provider, encoder_decoder), seed=seed,
-                           shard_info=seqio.ShardInfo(pi, pc) if pc > 1 else None, use_cached=False)
+
+    def one(task_name):
+        p = get_provider(task_name)
+        return seqio.get_dataset(task_name, task_feature_lengths={k: int(v) for k, v in lengths.items()
+                                                                  if k in p.output_features},
+                                 dataset_split=split, shuffle=shuffle, num_epochs=None if repeat else 1,
+                                 feature_converter=feature_converter(p, encoder_decoder), seed=seed,
+                                 shard_info=seqio.ShardInfo(pi, pc) if pc > 1 else None, use_cached=False)
+
+    if with_task_ids:
+        names = task_names(name)
+        parts = [one(n).map(lambda ex, i=i: {**ex, "task_ids": tf.constant(i, tf.int32)}) for i, n in enumerate(names)]
+        if len(parts) == 1:
+            ds = parts[0]
+        else:
+            rates = [float(provider.get_rate(get_provider(n))) for n in names]
+            ds = tf.data.Dataset.sample_from_datasets(parts, weights=[r / sum(rates) for r in rates], seed=seed,
+                                                      stop_on_empty_dataset=repeat)
+    else:
+        ds = one(name)
     ds = ds.batch(batch_size // pc, drop_remainder=repeat)
     return ds.skip(start_step) if start_step else ds
 
@@ -104,4 +131,6 @@ def to_global(batch: dict, mesh, rules=DEFAULT_RULES) -> dict:
     if b % shards:
         raise ValueError(f"global batch size {b} is not divisible by the {shards} batch shards of mesh "
                          f"{dict(mesh.shape)}; use a multiple of {shards}")
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+    row = NamedSharding(mesh, type(sharding.spec)(sharding.spec[0]))      # [b] features (task_ids)
+    return {k: jax.make_array_from_process_local_data(sharding if np.ndim(v) > 1 else row, np.asarray(v))
+            for k, v in batch.items()}

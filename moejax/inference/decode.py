@@ -36,14 +36,16 @@ def _check_args(max_new_tokens, temperature, top_p, rng):
 
 
 def generate(model, prompt: jax.Array, max_new_tokens: int, *, temperature: float = 0.0, top_p: float = 1.0,
-             rng: jax.Array | None = None, prompt_mask: jax.Array | None = None) -> jax.Array:
+             rng: jax.Array | None = None, prompt_mask: jax.Array | None = None,
+             task_ids: jax.Array | None = None) -> jax.Array:
     """Decode ``max_new_tokens`` after ``prompt [b, p]`` -> ``[b, p + n]`` int32.
 
     One jitted program: a prefill of the prompt into a static KV cache of length ``p + n``, then a
     ``lax.scan`` of single-token steps. ``temperature == 0`` is greedy; otherwise temperature /
     nucleus (``top_p``) sampling with ``rng``. ``prompt_mask [b, p]`` marks real prompt tokens
     (left padding). MoE layers route each step's tokens as their own group, so capacity-limited
-    (non-dropless) models may drop differently than in a full-sequence pass.
+    (non-dropless) models may drop differently than in a full-sequence pass. ``task_ids [b]``:
+    task-level routing.
     """
     rng = _check_args(max_new_tokens, temperature, top_p, rng)
     b, p = prompt.shape
@@ -51,12 +53,12 @@ def generate(model, prompt: jax.Array, max_new_tokens: int, *, temperature: floa
     graphdef, state = nnx.split(model)
 
     @jax.jit
-    def run(state, prompt, mask, rng):
+    def run(state, prompt, mask, rng, task_ids):
         m = nnx.merge(graphdef, state)
         caches = m.init_cache(b, p + max_new_tokens)
         # positions count real tokens only, so left padding does not shift the rotary phases
         pos = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
-        logits, _, caches = m.apply_with_cache(prompt, caches, positions=pos, padding_mask=mask)
+        logits, _, caches = m.apply_with_cache(prompt, caches, positions=pos, padding_mask=mask, task_ids=task_ids)
         rng, sub = jax.random.split(rng)
         first = _sample(logits[:, -1], sub, temperature, top_p)
         next_pos = pos[:, -1] + 1
@@ -64,7 +66,7 @@ def generate(model, prompt: jax.Array, max_new_tokens: int, *, temperature: floa
         def step(carry, _):
             tok, caches, position, rng = carry
             logits, _, caches = m.apply_with_cache(tok[:, None], caches, positions=position[:, None],
-                                                   padding_mask=jnp.ones((b, 1), bool))
+                                                   padding_mask=jnp.ones((b, 1), bool), task_ids=task_ids)
             rng, sub = jax.random.split(rng)
             nxt = _sample(logits[:, -1], sub, temperature, top_p)
             return (nxt, caches, position + 1, rng), tok
@@ -73,12 +75,12 @@ def generate(model, prompt: jax.Array, max_new_tokens: int, *, temperature: floa
         new = jnp.concatenate([jnp.swapaxes(toks, 0, 1), last[:, None]], axis=1)  # toks is [0, b] when n == 1
         return jnp.concatenate([prompt.astype(jnp.int32), new], axis=1)
 
-    return run(state, prompt, mask, rng)
+    return run(state, prompt, mask, rng, task_ids)
 
 
 def generate_encdec(model, encoder_ids: jax.Array, max_new_tokens: int, *, start_id: int,
                     encoder_mask: jax.Array | None = None, temperature: float = 0.0, top_p: float = 1.0,
-                    rng: jax.Array | None = None) -> jax.Array:
+                    rng: jax.Array | None = None, task_ids: jax.Array | None = None) -> jax.Array:
     """Encoder-decoder decoding: encode once, then cached single-token decoder steps in a
     ``lax.scan``, starting from ``start_id`` (T5: 0, NLLB: eos=2). Returns ``[b, n]`` int32 (the
     start token excluded). Same sampling options as :func:`generate`."""
@@ -88,14 +90,14 @@ def generate_encdec(model, encoder_ids: jax.Array, max_new_tokens: int, *, start
     graphdef, state = nnx.split(model)
 
     @jax.jit
-    def run(state, encoder_ids, emask, rng):
+    def run(state, encoder_ids, emask, rng, task_ids):
         m = nnx.merge(graphdef, state)
-        enc, _ = m.encode(encoder_ids, emask)
+        enc, _ = m.encode(encoder_ids, emask, task_ids=task_ids)
         caches = m.init_cache(b, max_new_tokens)
 
         def step(carry, _):
             tok, caches, rng = carry
-            logits, _, caches = m.decode(enc, emask, tok[:, None], caches=caches)
+            logits, _, caches = m.decode(enc, emask, tok[:, None], caches=caches, task_ids=task_ids)
             rng, sub = jax.random.split(rng)
             nxt = _sample(logits[:, -1], sub, temperature, top_p)
             return (nxt, caches, rng), nxt
@@ -104,7 +106,7 @@ def generate_encdec(model, encoder_ids: jax.Array, max_new_tokens: int, *, start
         _, toks = jax.lax.scan(step, (start, caches, rng), None, length=max_new_tokens)
         return jnp.swapaxes(toks, 0, 1)
 
-    return run(state, encoder_ids, emask, rng)
+    return run(state, encoder_ids, emask, rng, task_ids)
 
 
 def score(model, inputs: jax.Array, targets: jax.Array, mask: jax.Array | None = None) -> jax.Array:

@@ -49,7 +49,7 @@ class DecoderBlock(nnx.Module):
                 rngs=rngs),
         ]) if sparse and cfg.moe_extra_mlp else None
 
-    def __call__(self, x, *, positions, padding_mask, deterministic, cache=None):
+    def __call__(self, x, *, positions, padding_mask, deterministic, cache=None, task_ids=None):
         """Returns ``(x, moe_stats or None, new_cache or None)``."""
         a = self.attn(self.attn_norm(x), positions=positions, padding_mask=padding_mask, cache=cache)
         if cache is not None:
@@ -58,7 +58,7 @@ class DecoderBlock(nnx.Module):
         h = self.ffn_norm(x)
         stats = None
         if self.sparse:
-            y, stats = self.ffn(h, padding_mask=padding_mask, deterministic=deterministic)
+            y, stats = self.ffn(h, padding_mask=padding_mask, deterministic=deterministic, task_ids=task_ids)
         else:
             y = self.ffn(h)
         x = x + y.astype(x.dtype)
@@ -73,13 +73,13 @@ class Period(nnx.Module):
     def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
         self.blocks = nnx.List([DecoderBlock(cfg, cfg.is_sparse(j), rngs=rngs) for j in range(cfg.period)])
 
-    def __call__(self, x, *, positions, padding_mask, deterministic, caches=None):
+    def __call__(self, x, *, positions, padding_mask, deterministic, caches=None, task_ids=None):
         """``caches``: a tuple with one KVCache per block (or None)."""
         stats = None
         new = []
         for j, block in enumerate(self.blocks):
             x, s, c = block(x, positions=positions, padding_mask=padding_mask, deterministic=deterministic,
-                            cache=None if caches is None else caches[j])
+                            cache=None if caches is None else caches[j], task_ids=task_ids)
             stats = s if s is not None else stats
             new.append(c)
         return x, stats, (None if caches is None else tuple(new))
@@ -124,10 +124,11 @@ class Decoder(nnx.Module):
             logical_axes=("embed", "vocab"))
 
     def __call__(self, ids: jax.Array, *, positions: jax.Array | None = None, padding_mask: jax.Array | None = None,
-                 deterministic: bool = True) -> tuple[jax.Array, DecoderAux]:
-        """``ids [b, s]`` -> ``(logits [b, s, v] float32, DecoderAux)``."""
+                 deterministic: bool = True, task_ids: jax.Array | None = None) -> tuple[jax.Array, DecoderAux]:
+        """``ids [b, s]`` -> ``(logits [b, s, v] float32, DecoderAux)``; ``task_ids [b]`` for
+        task-level routing."""
         logits, aux, _ = self.apply_with_cache(ids, None, positions=positions, padding_mask=padding_mask,
-                                               deterministic=deterministic)
+                                               deterministic=deterministic, task_ids=task_ids)
         return logits, aux
 
     def init_cache(self, batch: int, max_length: int) -> tuple:
@@ -137,7 +138,7 @@ class Decoder(nnx.Module):
         one = KVCache.zeros(batch, max_length, cfg.num_kv_heads, cfg.head_dim, cfg.dtype)
         return tuple(jax.tree.map(lambda z: jnp.broadcast_to(z, (n,) + z.shape), one) for _ in range(cfg.period))
 
-    def apply_with_cache(self, ids, caches, *, positions=None, padding_mask=None, deterministic=True):
+    def apply_with_cache(self, ids, caches, *, positions=None, padding_mask=None, deterministic=True, task_ids=None):
         """Like ``__call__`` but reads / extends ``caches`` (from :meth:`init_cache`); returns
         ``(logits, aux, new_caches)``. With a cache, ``positions`` default to the cache index."""
         cfg = self.cfg
@@ -149,7 +150,7 @@ class Decoder(nnx.Module):
             positions = jnp.broadcast_to(start + jnp.arange(s, dtype=jnp.int32), (b, s))
         x = self.embed(ids, cfg.dtype)
         x, stats, caches = scan_periods(self.stack, x, caches, deterministic, positions=positions,
-                                        padding_mask=padding_mask)
+                                        padding_mask=padding_mask, task_ids=task_ids)
         x = self.norm(x)
         if self.lm_head is None:
             logits = self.embed.attend(x)

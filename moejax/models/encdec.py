@@ -198,7 +198,8 @@ class EncDecBlock(nnx.Module):
         self.ffn = MoeLayer(cfg.moe, rngs=rngs) if sparse else Mlp(cfg.d_model, cfg.d_ff, activation=cfg.activation,
                                                                      use_bias=cfg.ffn_bias, **kw)
 
-    def __call__(self, x, *, bias, mask, enc=None, enc_mask=None, padding_mask=None, deterministic=True, cache=None):
+    def __call__(self, x, *, bias, mask, enc=None, enc_mask=None, padding_mask=None, deterministic=True, cache=None,
+                 task_ids=None):
         """Returns ``(x, moe_stats or None, new_cache or None)``."""
         h = self.self_norm(x)
         a = self.self_attn(h, h, bias, mask, cache=cache)
@@ -210,7 +211,7 @@ class EncDecBlock(nnx.Module):
         h = self.ffn_norm(x)
         stats = None
         if self.sparse:
-            y, stats = self.ffn(h, padding_mask=padding_mask, deterministic=deterministic)
+            y, stats = self.ffn(h, padding_mask=padding_mask, deterministic=deterministic, task_ids=task_ids)
         else:
             y = self.ffn(h)
         return x + y.astype(x.dtype), stats, cache
@@ -243,7 +244,8 @@ class Stack(nnx.Module):
         self.final_norm = cfg.make_norm()
         self.decoder = decoder
 
-    def __call__(self, x, *, mask, padding_mask, enc=None, enc_mask=None, deterministic=True, caches=None):
+    def __call__(self, x, *, mask, padding_mask, enc=None, enc_mask=None, deterministic=True, caches=None,
+                 task_ids=None):
         """Returns ``(x, stacked MoeStats or None, new caches or None)``. With ``caches`` (decoder
         only), ``x`` holds the new tokens at positions ``index .. index + s - 1`` and ``mask`` is
         built here (causal over the cache)."""
@@ -257,7 +259,7 @@ class Stack(nnx.Module):
             mask = (k_pos[None, :] <= q_pos[:, None])[None, None]
         bias = None if self.relpos is None else self.relpos(q_pos, k_pos)
         x, stats, caches = scan_periods(self.stack, x, caches, deterministic, bias=bias, mask=mask, enc=enc,
-                                        enc_mask=enc_mask, padding_mask=padding_mask)
+                                        enc_mask=enc_mask, padding_mask=padding_mask, task_ids=task_ids)
         return self.final_norm(x), stats, caches
 
 
@@ -305,12 +307,13 @@ class EncoderDecoder(nnx.Module):
             x = x + sinusoidal_positions(pos, cfg.d_model, cfg.pad_id).astype(x.dtype)
         return x
 
-    def encode(self, ids, mask=None, deterministic=True):
+    def encode(self, ids, mask=None, deterministic=True, task_ids=None):
         """``ids [b, t]`` -> ``(encoded [b, t, d], encoder MoeStats)``."""
         b, t = ids.shape
         mask = jnp.ones((b, t), bool) if mask is None else mask.astype(bool)
         x = self._embed(ids, mask)
-        x, stats, _ = self.encoder(x, mask=mask[:, None, None, :], padding_mask=mask, deterministic=deterministic)
+        x, stats, _ = self.encoder(x, mask=mask[:, None, None, :], padding_mask=mask, deterministic=deterministic,
+                                   task_ids=task_ids)
         return x, stats
 
     def init_cache(self, batch: int, max_length: int) -> tuple:
@@ -320,7 +323,7 @@ class EncoderDecoder(nnx.Module):
         one = KVCache.zeros(batch, max_length, cfg.num_heads, cfg.head_dim, cfg.dtype)
         return tuple(jax.tree.map(lambda z: jnp.broadcast_to(z, (n,) + z.shape), one) for _ in range(cfg.period(True)))
 
-    def decode(self, enc, enc_mask, ids, mask=None, deterministic=True, caches=None):
+    def decode(self, enc, enc_mask, ids, mask=None, deterministic=True, caches=None, task_ids=None):
         """Teacher-forced decoder pass -> ``(logits [b, s, v], decoder MoeStats)``; with ``caches``
         (from :meth:`init_cache`) it appends ``ids`` to the cache and returns
         ``(logits, stats, new_caches)``."""
@@ -331,7 +334,7 @@ class EncoderDecoder(nnx.Module):
         x = self._embed(ids, mask, offset)
         x, stats, new_caches = self.decoder(x, mask=causal, padding_mask=mask, enc=enc,
                                             enc_mask=enc_mask[:, None, None, :], deterministic=deterministic,
-                                            caches=caches)
+                                            caches=caches, task_ids=task_ids)
         if self.lm_head is None:
             logits = self.embed.attend(x * self.cfg.d_model**-0.5 if self.cfg.scale_tied_logits else x)
         else:
@@ -340,12 +343,13 @@ class EncoderDecoder(nnx.Module):
             return logits.astype(jnp.float32), stats, new_caches
         return logits.astype(jnp.float32), stats
 
-    def __call__(self, encoder_ids, decoder_ids, *, encoder_mask=None, decoder_mask=None, deterministic=True):
+    def __call__(self, encoder_ids, decoder_ids, *, encoder_mask=None, decoder_mask=None, deterministic=True,
+                 task_ids=None):
         for name, ids in (("encoder_ids", encoder_ids), ("decoder_ids", decoder_ids)):
             if ids.ndim != 2:
                 raise ValueError(f"{name} must have rank 2 [batch, length]; got shape {ids.shape}")
         b, t = encoder_ids.shape
         enc_mask = jnp.ones((b, t), bool) if encoder_mask is None else encoder_mask.astype(bool)
-        enc, enc_stats = self.encode(encoder_ids, enc_mask, deterministic)
-        logits, dec_stats = self.decode(enc, enc_mask, decoder_ids, decoder_mask, deterministic)
+        enc, enc_stats = self.encode(encoder_ids, enc_mask, deterministic, task_ids)
+        logits, dec_stats = self.decode(enc, enc_mask, decoder_ids, decoder_mask, deterministic, task_ids=task_ids)
         return logits, EncDecAux(encoder=enc_stats, decoder=dec_stats)

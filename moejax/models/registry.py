@@ -78,6 +78,10 @@ REGISTRY: dict[str, Callable[[], DecoderConfig | EncDecConfig]] = {
     "tiny_nllb_moe": lambda: _nllb(64, 128, 4, 4, 256, 4),
     "tiny_switch": lambda: _t5(64, 128, 4, 2, experts=4, head_dim=16, vocab=256, group=256),
     "tiny_t5": lambda: _t5(64, 128, 4, 2, head_dim=16, vocab=256),
+    # task-level routing over the 6 synth tasks (router='task', dropless, 8 experts, top-1)
+    "tiny_switch_task": lambda: _t5(64, 128, 4, 2, experts=8, head_dim=16, vocab=256, group=256).replace(
+        moe=MoeConfig(num_experts=8, d_model=64, d_ff=128, top_k=1, router="task", num_tasks=6, dropless=True,
+                      weight_norm="topk", activation="relu")),
     # Mixtral 8x7B: 46.70B total / 12.88B active (REFERENCE.md 1.4)
     "mixtral_8x7b": lambda: _mixtral(4096, 14336, 32, 32, 8, 32000),
     # Mixtral 8x22B: hidden 6144, 56 layers, 48 heads (8 kv), ff 16384, vocab 32768

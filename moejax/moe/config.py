@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from moejax.sharding import DEFAULT_RULES, Rules
 
-ROUTERS = ("top_k", "expert_choice", "noisy_top_k")
+ROUTERS = ("top_k", "expert_choice", "noisy_top_k", "task")
 POLICIES = ("all", "random", "sampling")
 WEIGHT_NORMS = ("none", "topk", "kept")
 BACKENDS = ("gather", "einsum", "ragged")
@@ -25,7 +25,10 @@ class MoeConfig:
         ``"expert_choice"`` (each expert takes its top-C tokens; **not causal**: a token's routing
         depends on later tokens of its group, so do not use it in autoregressive decoders), or
         ``"noisy_top_k"`` (Shazeer et al. 2017: learned softplus noise on the logits in training,
-        softmax over the top-k noisy logits).
+        softmax over the top-k noisy logits), or ``"task"`` (task-level routing: every token of an
+        example goes to the top-k experts of a learned per-task logit table ``[num_tasks, e]``
+        indexed by the example's task id; dropless, weights renormalised over the k; a task's
+        sub-network can be extracted, see :mod:`moejax.inference.task_routing`).
       top_k: experts per token (for expert choice: the average number of experts per token, which
         sets the capacity).
       second_expert_policy: for top_k == 2: ``"all"`` (always keep the 2nd expert), ``"random"``
@@ -74,6 +77,7 @@ class MoeConfig:
     d_ff: int = 128
     top_k: int = 1
     router: str = "top_k"
+    num_tasks: int = 0
     second_expert_policy: str = "all"
     weight_norm: str = "none"
     router_bias: bool = False
@@ -132,11 +136,14 @@ class MoeConfig:
                 f"top_k={self.top_k} > num_experts={self.router_width}; top_k must be in "
                 f"[1, {self.router_width}]"
             )
+        if self.router == "task" and (self.num_tasks < 1 or not self.dropless or self.weight_norm != "topk"):
+            raise ValueError(f"router='task' needs num_tasks >= 1 (got {self.num_tasks}), dropless=True and "
+                             f"weight_norm='topk' (every token of a task goes to the same experts)")
         if self.quant_bits is not None and self.quant_bits not in (8, 4):
             raise ValueError(f"unsupported quantization bit width {self.quant_bits}; valid: 8, 4")
         if self.expert_map is not None:
             bad = [v for v in self.expert_map if not 0 <= int(v) < self.num_experts]
-            if bad or self.router != "top_k":
+            if bad or self.router not in ("top_k", "task"):
                 raise ValueError(f"expert_map entries must lie in [0, {self.num_experts}) and need router='top_k'; "
                                  f"got {bad or self.router!r}")
         if self.second_expert_policy != "all" and not (self.router == "top_k" and self.top_k == 2):

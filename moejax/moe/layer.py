@@ -15,7 +15,7 @@ from moejax.moe.capacity import expert_capacity, num_groups
 from moejax.moe.config import MoeConfig
 from moejax.moe.dispatch import BACKENDS
 from moejax.moe.experts import DenseFFN, Experts
-from moejax.moe.routing import Router, RoutingPlan, expert_choice_route, top_k_route
+from moejax.moe.routing import TaskRouter, Router, RoutingPlan, expert_choice_route, top_k_route
 from moejax.sharding import constrain, current_mesh_axis_size, stack_modules
 
 
@@ -84,9 +84,10 @@ class MoeLayer(nnx.Module):
         cfg.validate()
         self.cfg = cfg
         self.deterministic = False
-        self.router = Router(cfg.d_model, cfg.router_width, use_bias=cfg.router_bias,
-                              noisy=cfg.router == "noisy_top_k", init_std=cfg.router_init_std,
-                              param_dtype=cfg.param_dtype, rngs=rngs)
+        self.router = TaskRouter(cfg.num_tasks, cfg.router_width, init_std=cfg.router_init_std,
+                                 param_dtype=cfg.param_dtype, rngs=rngs) if cfg.router == "task" else Router(
+            cfg.d_model, cfg.router_width, use_bias=cfg.router_bias, noisy=cfg.router == "noisy_top_k",
+            init_std=cfg.router_init_std, param_dtype=cfg.param_dtype, rngs=rngs)
         if cfg.inner is not None:
             if cfg.backend == "ragged":
                 raise ValueError("hierarchical experts (inner MoE) need backend 'gather' or 'einsum', not 'ragged'")
@@ -116,15 +117,15 @@ class MoeLayer(nnx.Module):
         cf = cfg.capacity_factor_eval if deterministic else cfg.capacity_factor_train
         return expert_capacity(tokens_per_group, cfg.num_experts, cf, cfg.top_k, cfg.min_capacity)
 
-    def _route(self, xg, mask, deterministic, rngs) -> tuple[RoutingPlan, jax.Array, jax.Array, dict]:
+    def _route(self, xg, mask, deterministic, rngs, task_logits=None) -> tuple[RoutingPlan, jax.Array, jax.Array, dict]:
         cfg = self.cfg
         train = not deterministic
         router_in = xg
-        if train and cfg.jitter_eps > 0:
+        if train and cfg.jitter_eps > 0 and task_logits is None:
             noise = jax.random.uniform(rngs.jitter(), xg.shape, jnp.float32, 1.0 - cfg.jitter_eps,
                                        1.0 + cfg.jitter_eps)
             router_in = xg.astype(jnp.float32) * noise
-        logits = self.router(router_in)
+        logits = self.router(router_in) if task_logits is None else task_logits
         extra = {}
         t = xg.shape[1]
         cap = self.capacity(t, deterministic)
@@ -180,7 +181,9 @@ class MoeLayer(nnx.Module):
 
     # ------------------------------------------------------------------ call
     def __call__(self, x: jax.Array, *, padding_mask: jax.Array | None = None, deterministic: bool | None = None,
-                 rngs: nnx.Rngs | None = None) -> tuple[jax.Array, MoeStats]:
+                 rngs: nnx.Rngs | None = None, task_ids: jax.Array | None = None) -> tuple[jax.Array, MoeStats]:
+        """``task_ids [b]`` int: each example's task (``router='task'`` only; may be omitted when
+        ``num_tasks == 1``)."""
         cfg = self.cfg
         if deterministic is None:
             deterministic = self.deterministic
@@ -206,7 +209,17 @@ class MoeLayer(nnx.Module):
         xg = constrain(x.reshape(g, t, d), ("batch", None, "embed"), cfg.axis_rules)
         mask = padding_mask.astype(bool).reshape(g, t)
 
-        plan, logits, probs, extra = self._route(xg, mask, deterministic, rngs)
+        task_logits = None
+        if cfg.router == "task":
+            if task_ids is None:
+                if cfg.num_tasks != 1:
+                    raise ValueError(f"router='task' with num_tasks={cfg.num_tasks} needs task_ids [batch]")
+                task_ids = jnp.zeros((b,), jnp.int32)
+            if task_ids.shape != (b,):
+                raise ValueError(f"task_ids shape {task_ids.shape} must be [batch] = {(b,)}")
+            tl = self.router(task_ids)                                         # [b, e]
+            task_logits = jnp.broadcast_to(tl[:, None, :], (b, s, tl.shape[-1])).reshape(g, t, tl.shape[-1])
+        plan, logits, probs, extra = self._route(xg, mask, deterministic, rngs, task_logits)
 
         inner_stats = []  # filled by the hierarchical expert call
 

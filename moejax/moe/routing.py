@@ -86,6 +86,21 @@ class Router(nnx.Module):
         )
 
 
+class TaskRouter(nnx.Module):
+    """Task-level router: a learned logit table ``table [num_tasks, e]`` (logical
+    ``('unmodeled', 'unmodeled')``); ``task_ids [b]`` -> logits ``[b, e]`` float32."""
+
+    def __init__(self, num_tasks: int, num_experts: int, *, init_std: float = 0.02, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        self.table = nnx.Param(
+            jax.random.normal(rngs.params(), (num_tasks, num_experts), jnp.float32).astype(param_dtype) * init_std,
+            logical_axes=("unmodeled", "unmodeled"))
+        self.num_tasks = num_tasks
+
+    def __call__(self, task_ids: jax.Array) -> jax.Array:
+        return jnp.take(self.table[...].astype(jnp.float32), task_ids.astype(jnp.int32), axis=0)
+
+
 def _priority(probs: jax.Array, k: int, batch_prioritized: bool) -> jax.Array:
     """``[g, k*t]`` priority of each token-major assignment: choice first, then token order
     (or descending top-1 probability with BPR)."""

@@ -38,9 +38,10 @@ def _cut(ids, eos=1):
     return ids[:ids.index(eos)] if eos in ids else ids
 
 
-def predict_task(fns, params, model_cfg, task: seqio.Task, cfg, split: str, max_examples: int) -> list[dict]:
+def predict_task(fns, params, model_cfg, task: seqio.Task, cfg, split: str, max_examples: int,
+                 task_id: int | None = None) -> list[dict]:
     """Greedy predictions for up to ``max_examples`` of ``task``'s ``split``: rows with ``inputs``,
-    ``target`` and ``prediction`` strings."""
+    ``target`` and ``prediction`` strings. ``task_id``: the task's index for task-level routing."""
     from moejax.models.encdec import EncDecConfig
 
     lengths = {k: int(v) for k, v in cfg.task_feature_lengths.items() if k in task.output_features}
@@ -60,12 +61,13 @@ def predict_task(fns, params, model_cfg, task: seqio.Task, cfg, split: str, max_
             chunk = exs[i:i + bs]
             real = len(chunk)
             chunk = chunk + [chunk[-1]] * (bs - real)          # static batch shape
+            tids = None if task_id is None else jnp.full((bs,), task_id, jnp.int32)
             if isinstance(model_cfg, EncDecConfig):
                 enc = jnp.asarray(_pad([e["inputs"] for e in chunk], lengths["inputs"]))
-                out = generate_encdec(model, enc, n_new, start_id=0, encoder_mask=enc > 0)
+                out = generate_encdec(model, enc, n_new, start_id=0, encoder_mask=enc > 0, task_ids=tids)
             else:
                 prompt = jnp.asarray(_pad([e["inputs"] for e in chunk], lengths["inputs"], left=True))
-                out = generate(model, prompt, n_new, prompt_mask=prompt > 0)[:, prompt.shape[1]:]
+                out = generate(model, prompt, n_new, prompt_mask=prompt > 0, task_ids=tids)[:, prompt.shape[1]:]
             out = np.asarray(out)
             for e, o in zip(chunk[:real], out[:real]):
                 rows.append({"inputs": e["inputs_pretokenized"].decode() if "inputs_pretokenized" in e else "",
@@ -81,8 +83,12 @@ def evaluate(model_dir: str, fns, params, model_cfg, cfg, step: int) -> dict:
 
     name = cfg.eval_mixture_or_task or cfg.mixture_or_task
     results = {}
+    from moejax.training.trainer import task_routed
+
+    routed = task_routed(model_cfg)
     ds = data.dataset(name, cfg.task_feature_lengths, cfg.batch_size, encoder_decoder=isinstance(model_cfg, EncDecConfig),
-                      split="validation", shuffle=False, repeat=True, seed=cfg.seed).take(cfg.eval_batches)
+                      split="validation", shuffle=False, repeat=True, seed=cfg.seed,
+                      with_task_ids=routed).take(cfg.eval_batches)
     losses = []
     with jax.set_mesh(fns.mesh):
         for batch in ds.as_numpy_iterator():
@@ -91,10 +97,12 @@ def evaluate(model_dir: str, fns, params, model_cfg, cfg, step: int) -> dict:
     for k in ("loss", "cross_entropy", "accuracy", "tokens_dropped_fraction"):
         if losses:
             results[f"eval/{k}"] = float(np.mean([l[k] for l in losses]))
+    ids = data.task_names(name)
     for task in tasks_of(name):
         if not task.metric_fns:
             continue
-        rows = predict_task(fns, params, model_cfg, task, cfg, "validation", cfg.infer_examples)
+        rows = predict_task(fns, params, model_cfg, task, cfg, "validation", cfg.infer_examples,
+                            ids.index(task.name) if routed else None)
         if not rows:
             continue
         tgts, preds = [r["target"] for r in rows], [r["prediction"] for r in rows]

@@ -50,16 +50,19 @@ def cross_entropy(logits, targets, weights, z_loss: float = 0.0, label_smoothing
 
 
 def forward(model, batch, deterministic: bool):
-    """Run the model on a batch -> ``(logits [b, s, v], list of MoeStats)``."""
+    """Run the model on a batch -> ``(logits [b, s, v], list of MoeStats)``; a ``task_ids [b]``
+    entry is passed on (task-level routing)."""
     targets = batch["decoder_target_tokens"]
     dec_mask = targets > 0
+    tids = batch.get("task_ids")
     if isinstance(model, EncoderDecoder):
         enc = batch["encoder_input_tokens"]
         logits, aux = model(enc, batch["decoder_input_tokens"], encoder_mask=enc > 0, decoder_mask=dec_mask,
-                            deterministic=deterministic)
+                            deterministic=deterministic, task_ids=tids)
         stats = [s for s in (aux.encoder, aux.decoder) if s is not None]
     else:
-        logits, aux = model(batch["decoder_input_tokens"], padding_mask=dec_mask, deterministic=deterministic)
+        logits, aux = model(batch["decoder_input_tokens"], padding_mask=dec_mask, deterministic=deterministic,
+                            task_ids=tids)
         stats = [] if aux.moe is None else [aux.moe]
     return logits, stats
 

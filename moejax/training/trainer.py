@@ -57,6 +57,11 @@ class TrainConfig:
     mesh_shape: dict | None = None
 
 
+def task_routed(model_cfg) -> bool:
+    """Does the model route by task id (``MoeConfig.router == 'task'``)?"""
+    return model_cfg.moe is not None and model_cfg.moe.router == "task"
+
+
 def _mesh(shape):
     """A mesh over all devices, or over the first N when the shape's N divides the device count."""
     shape = dict(shape or {"data": jax.device_count()})
@@ -112,7 +117,7 @@ def train(model_dir: str, model_cfg, cfg: TrainConfig, optimizer=None, rules=DEF
     start = int(state.step)
     writer = MetricWriter(model_dir, "train")
     ds = data.dataset(cfg.mixture_or_task, cfg.task_feature_lengths, cfg.batch_size, encoder_decoder=enc_dec,
-                      seed=cfg.seed, start_step=start)
+                      seed=cfg.seed, start_step=start, with_task_ids=task_routed(model_cfg))
     it = ds.as_numpy_iterator()
     bar = tqdm(total=cfg.train_steps, initial=start, disable=not progress, desc="train", dynamic_ncols=True)
     window, t0, tokens = [], time.time(), 0

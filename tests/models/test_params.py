@@ -25,8 +25,9 @@ def closed_form_encdec(cfg):
             if cfg.is_sparse(i, dec):
                 e, f = cfg.moe.num_experts, cfg.moe.d_ff
                 experts = e * (mats * d * f + ((f + d) if cfg.moe.use_bias else 0))
-                total += experts + d * e
-                active += experts * cfg.moe.top_k / e + d * e
+                router = (cfg.moe.num_tasks if cfg.moe.router == "task" else d) * e
+                total += experts + router
+                active += experts * cfg.moe.top_k / e + router
             else:
                 dense = mats * d * cfg.d_ff + ((cfg.d_ff + d) if cfg.ffn_bias else 0)
                 total += dense
