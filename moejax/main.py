@@ -8,6 +8,9 @@ NLLB-MoE) to a moejax orbax checkpoint (restore with ``moejax.convert.checkpoint
 ``moejax quantize --checkpoint DIR --bits 8|4 [--group_size G] --out CKPT``: compress a trained
 model's experts (a moejax checkpoint usable as ``INITIAL_CHECKPOINT_PATH`` or with ``restore``).
 
+``moejax extract-task --checkpoint DIR --task synth_sort --out CKPT``: the standalone sub-network of
+one task of a task-routed model.
+
 ``moejax train|eval|infer --gin_file=FILE [--gin_file=...] [--gin_search_paths=DIRS]
 [--gin.MACRO=VALUE ...]``: the gin-configured T5X-style entry points. The shipped ``gin/``
 directory is always on the search path, so ``--gin_file=runs/pretrain.gin`` works anywhere; the
@@ -110,6 +113,27 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def cmd_extract_task(args) -> int:
+    from moejax.convert import checkpoint
+    from moejax.data.batches import task_names
+    from moejax.inference.merging import param_counts
+    from moejax.inference.task_routing import extract_task_model
+    from moejax.training.checkpoints import load_model
+
+    model = load_model(args.checkpoint)
+    task = args.task
+    if not task.isdigit():
+        names = task_names(args.mixture)
+        if task not in names:
+            raise ValueError(f"task {task!r} is not in mixture {args.mixture!r}; its tasks: {', '.join(names)}")
+        task = names.index(task)
+    small = extract_task_model(model, int(task))
+    checkpoint.save(small, args.out)
+    print(f"extracted task {args.task} (id {task}): {param_counts(model)[0]:,} -> {param_counts(small)[0]:,} params; "
+          f"wrote {args.out}")
+    return 0
+
+
 def parse_gin_flags(extra: list[str]) -> list[str]:
     """``['--gin.TRAIN_STEPS=10', '--gin.MODEL_DIR', "'/tmp/x'"]`` -> gin binding strings."""
     out, i = [], 0
@@ -185,6 +209,12 @@ def main(argv=None) -> int:
     pq.add_argument("--group_size", type=int, default=None)
     pq.add_argument("--out", required=True)
     pq.set_defaults(fn=cmd_quantize)
+    pe = sub.add_parser("extract-task", help="a task-routed model's sub-network for one task, standalone")
+    pe.add_argument("--checkpoint", required=True, help="trainer MODEL_DIR or moejax checkpoint")
+    pe.add_argument("--task", required=True, help="task id, or a task name of --mixture")
+    pe.add_argument("--mixture", default="synth_multitask", help="the mixture the model was trained on")
+    pe.add_argument("--out", required=True)
+    pe.set_defaults(fn=cmd_extract_task)
     for mode in ("train", "eval", "infer"):
         pg = sub.add_parser(mode, help=f"gin-configured {mode} (T5X flags)")
         pg.add_argument("--gin_file", action="append", default=[], help="repeatable; searched on the gin paths")

@@ -75,3 +75,17 @@ def test_train_task_routed_model_on_the_multitask_mixture(tmp_path):
     assert recs[-1]["loss"] < recs[0]["loss"]
     ev = read_jsonl(str(tmp_path / "eval_metrics.jsonl"))[-1]
     assert "synth_sort/accuracy" in ev and "synth_translate/bleu" in ev
+
+
+def test_extract_task_cli(tmp_path, capsys):
+    from moejax.convert.checkpoint import restore, save
+    from moejax.main import main
+
+    save(task_model(), str(tmp_path / "full"))
+    assert main(["extract-task", "--checkpoint", str(tmp_path / "full"), "--task", "synth_sort",
+                 "--out", str(tmp_path / "sort")]) == 0
+    small = restore(str(tmp_path / "sort"))
+    np.testing.assert_allclose(small(ENC, DEC)[0], task_model()(ENC, DEC, task_ids=jnp.full((3,), 4))[0], atol=1e-5)
+    assert main(["extract-task", "--checkpoint", str(tmp_path / "full"), "--task", "synth_srot",
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "is not in mixture 'synth_multitask'" in capsys.readouterr().err
