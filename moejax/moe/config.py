@@ -67,8 +67,9 @@ class MoeConfig:
       inside the expert matmul; set by :mod:`moejax.inference.quantize`, inference only).
 
     Numerics and layout
-      dtype: compute dtype of the experts; param_dtype: parameter dtype. The router always computes
-      in float32. backend: ``"gather"`` (default), ``"einsum"`` or ``"ragged"``. axis_rules: the
+      dtype: compute dtype of the experts; param_dtype: parameter dtype. The router computes in
+      ``router_dtype`` — float32 by default ("selective precision"); bfloat16 exists for the
+      ablation in ``experiments/router_precision.py``; its logits are cast to float32 either way. backend: ``"gather"`` (default), ``"einsum"`` or ``"ragged"``. axis_rules: the
       logical -> mesh axis table for activation constraints.
     """
 
@@ -105,6 +106,7 @@ class MoeConfig:
     backend: str = "gather"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    router_dtype: Any = jnp.float32
     axis_rules: Rules = DEFAULT_RULES
 
     def replace(self, **kw) -> "MoeConfig":

@@ -87,7 +87,7 @@ class MoeLayer(nnx.Module):
         self.router = TaskRouter(cfg.num_tasks, cfg.router_width, init_std=cfg.router_init_std,
                                  param_dtype=cfg.param_dtype, rngs=rngs) if cfg.router == "task" else Router(
             cfg.d_model, cfg.router_width, use_bias=cfg.router_bias, noisy=cfg.router == "noisy_top_k",
-            init_std=cfg.router_init_std, param_dtype=cfg.param_dtype, rngs=rngs)
+            init_std=cfg.router_init_std, param_dtype=cfg.param_dtype, compute_dtype=cfg.router_dtype, rngs=rngs)
         if cfg.inner is not None:
             if cfg.backend == "ragged":
                 raise ValueError("hierarchical experts (inner MoE) need backend 'gather' or 'einsum', not 'ragged'")

@@ -58,7 +58,8 @@ class Router(nnx.Module):
     """
 
     def __init__(self, d_model: int, num_experts: int, *, use_bias: bool = False, noisy: bool = False,
-                 init_std: float = 0.02, param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 init_std: float = 0.02, param_dtype=jnp.float32, compute_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.compute_dtype = compute_dtype
         self.kernel = nnx.Param(
             jax.random.normal(rngs.params(), (d_model, num_experts), jnp.float32).astype(param_dtype) * init_std,
             logical_axes=("embed", "unmodeled"),
@@ -73,11 +74,13 @@ class Router(nnx.Module):
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        """``x [g, t, d]`` -> logits ``[g, t, e]`` float32."""
-        logits = jnp.einsum("gtd,de->gte", x.astype(jnp.float32), self.kernel[...].astype(jnp.float32))
+        """``x [g, t, d]`` -> logits ``[g, t, e]`` float32 (computed in ``compute_dtype``: float32
+        unless an experiment asks for a bfloat16 router)."""
+        dt = self.compute_dtype
+        logits = jnp.einsum("gtd,de->gte", x.astype(dt), self.kernel[...].astype(dt))
         if self.bias is not None:
-            logits = logits + self.bias[...].astype(jnp.float32)
-        return logits
+            logits = logits + self.bias[...].astype(dt)
+        return logits.astype(jnp.float32)
 
     def noise_std(self, x: jax.Array) -> jax.Array:
         """Noisy top-k: ``softplus(x @ W_noise)`` ``[g, t, e]`` float32."""
