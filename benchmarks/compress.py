@@ -14,11 +14,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from timing import timeit
 
 from moejax.data import batches
 from moejax.inference.merging import expert_usage, merge_experts, param_counts
@@ -44,14 +45,7 @@ def evaluate(model, val):
 
 def fwd_time(model, batch, reps=20):
     f = nnx.jit(lambda m, b: m(b["encoder_input_tokens"], b["decoder_input_tokens"])[0])
-    jax.block_until_ready(f(model, batch))
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(model, batch))
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
-
+    return timeit(f, model, batch, reps=reps)
 
 def main():
     ap = argparse.ArgumentParser()

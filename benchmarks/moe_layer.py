@@ -13,26 +13,15 @@ from __future__ import annotations
 
 import argparse
 import resource
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from timing import timeit
+
 from moejax.moe import MoeConfig, MoeLayer
 from moejax.moe.experts import DenseFFN
-
-
-def timeit(fn, *args, reps: int) -> float:
-    jax.block_until_ready(fn(*args))  # compile + warm up
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def matmul_peak(n: int = 2048, reps: int = 5) -> float:

@@ -12,13 +12,13 @@ total parameters of both, and the forward time of the extracted model relative t
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from timing import timeit
 
 from moejax.data import batches
 from moejax.inference.merging import param_counts
@@ -30,16 +30,6 @@ from moejax.training.state import StepFns
 from moejax.training.trainer import TrainConfig, train
 
 LENGTHS = {"inputs": 64, "targets": 32}
-
-
-def timed(f, *a, reps=20):
-    jax.block_until_ready(f(*a))
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(*a))
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
 
 
 def main():
@@ -67,7 +57,7 @@ def main():
         bt = {**b, "task_ids": jnp.full((32,), i, jnp.int32)}
         small = extract_task_model(full, i)
         used = [int(v[0, 0]) for v in experts_of_task(full, i).values()]
-        t_full, t_small = timed(fwd, full, bt), timed(fwd, small, b)
+        t_full, t_small = timeit(fwd, full, bt), timeit(fwd, small, b)
         print(f"| {name} | {used} | {float(acc(full, bt)):.4f} | {float(acc(small, b)):.4f} | {total_full:,} | "
               f"{param_counts(small)[0]:,} | {t_small / t_full:.2f} |")
 
