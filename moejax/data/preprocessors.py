@@ -63,13 +63,7 @@ def span_corruption(dataset: tf.data.Dataset, output_features, max_tokens: int =
         i, t = corrupt(tokens[:max_tokens], vocab_size, density, mean_span, salt)
         return i.astype(np.int32), t.astype(np.int32)
 
-    def map_fn(ex):
-        i, t = tf.numpy_function(fn, [ex["targets"]], [tf.int32, tf.int32])
-        i.set_shape([None])
-        t.set_shape([None])
-        return {"inputs": i, "targets": t}
-
-    return dataset.map(map_fn, num_parallel_calls=1, deterministic=True)
+    return _split_targets(dataset, fn)
 
 
 def prefix_lm(dataset: tf.data.Dataset, output_features, max_tokens: int = 96, salt: int = 0) -> tf.data.Dataset:
@@ -80,6 +74,12 @@ def prefix_lm(dataset: tf.data.Dataset, output_features, max_tokens: int = 96, s
         rng = np.random.default_rng([zlib.crc32(tokens.tobytes()), salt])
         cut = int(rng.integers(1, max(len(tokens), 2)))
         return tokens[:cut].astype(np.int32), tokens[cut:].astype(np.int32)
+
+    return _split_targets(dataset, fn)
+
+
+def _split_targets(dataset: tf.data.Dataset, fn) -> tf.data.Dataset:
+    """Map ``fn(targets tokens) -> (inputs, targets)`` (numpy) over the dataset, in order."""
 
     def map_fn(ex):
         i, t = tf.numpy_function(fn, [ex["targets"]], [tf.int32, tf.int32])
