@@ -236,3 +236,19 @@ def test_bf16_compute_keeps_f32_params(make_test_mesh):
         state, met = fns.train_step(state, to_global(fake_batch(), mesh))
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
     assert np.isfinite(float(met["loss"])) and float(met["loss"]) > 0
+
+
+def test_train_step_hlo_all_to_all_and_no_expert_weight_gather(make_test_mesh):
+    """Golden check on a full expert-parallel train step: the compiled program dispatches with
+    all-to-alls and never all-gathers an expert kernel (a rules change that swapped them fails)."""
+    mesh = make_test_mesh({"data": 2, "expert": 4})
+    cfg = tiny(moe=MoeConfig(num_experts=8, d_model=64, d_ff=128, top_k=1, max_group_size=256, group_multiple=8))
+    fns = StepFns(cfg, make_optimizer("adamw", 1e-3, schedule="constant").tx, mesh)
+    state = fns.abstract_state()
+    batch = to_global(fake_batch(b=8), mesh)
+    with jax.set_mesh(mesh):
+        hlo = jax.jit(fns._train_step).lower(state, batch, None).compile().as_text()
+    assert hlo.count("all-to-all(") >= 4            # dispatch + combine, forward and backward, per sparse layer
+    gathers = " ".join(line for line in hlo.splitlines() if "all-gather(" in line)
+    for shape in ("[1,8,64,128]", "[1,8,128,64]", "[8,64,128]", "[8,128,64]"):
+        assert f"f32{shape}" not in gathers, shape
