@@ -58,7 +58,7 @@ class WeightReader:
         return flat
 
 
-def load_into(model: Decoder, flat: dict[str, np.ndarray]) -> Decoder:
+def load_into(model: nnx.Module, flat: dict[str, np.ndarray]) -> nnx.Module:
     """Copy ``flat`` arrays into ``model``'s params (shapes must match exactly)."""
     state = nnx.state(model, nnx.Param)
     flat_state = dict(nnx.to_flat_state(state))

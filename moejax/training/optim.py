@@ -12,7 +12,6 @@ statistics), ``adamw``. Both get global-norm gradient clipping when ``clip_norm`
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax.numpy as jnp
 import optax

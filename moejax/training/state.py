@@ -160,11 +160,13 @@ class StepFns:
                        distill_alpha=self.distill_alpha, distill_temperature=self.distill_temperature)
 
     def _train_step(self, state: TrainState, batch, teacher_state=None):
-        loss = self._loss
-        if teacher_state is not None:
-            def loss(params, mb, step):
-                t_logits, _ = forward(nnx.merge(self.teacher_graphdef, teacher_state), mb, deterministic=True)
-                return self._loss(params, mb, step, jax.lax.stop_gradient(t_logits))
+        def loss(params, mb, step):
+            teacher_logits = None
+            if teacher_state is not None:   # distillation: the teacher's logits, no gradient
+                teacher_logits = jax.lax.stop_gradient(
+                    forward(nnx.merge(self.teacher_graphdef, teacher_state), mb, deterministic=True)[0])
+            return self._loss(params, mb, step, teacher_logits)
+
         grad_fn = jax.value_and_grad(loss, has_aux=True)
         m = self.microbatches
         if m == 1:

@@ -1,7 +1,6 @@
 """Orbax checkpoints of converted / built models: save, restore (also onto a mesh), wrong model."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx

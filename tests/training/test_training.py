@@ -9,7 +9,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from flax import nnx
 
 from moejax.data.batches import to_global
 from moejax.models.registry import get_config
