@@ -9,12 +9,16 @@ Output: eval token accuracy (teacher forced) and the tasks' decoded metrics."""
 
 from __future__ import annotations
 
+import os
 import sys
 
-from common import run, save_table, tiny
+import matplotlib.pyplot as plt
 
-PRE = int(sys.argv[1]) if len(sys.argv) > 1 else 300
-FT = int(sys.argv[2]) if len(sys.argv) > 2 else 150
+from common import RESULTS, run, save_plot, save_table, tiny
+
+ARGS = [a for a in sys.argv[1:] if not a.startswith("--")]
+PRE = int(ARGS[0]) if ARGS else 300
+FT = int(ARGS[1]) if len(ARGS) > 1 else 150
 
 
 def ft(cfg, init, task, steps=FT, **kw):
@@ -47,5 +51,28 @@ def main():
                f"pretrain {PRE} steps, each finetuning stage {FT} steps, one CPU device.")
 
 
+def read_table(name):
+    with open(os.path.join(RESULTS, name)) as f:
+        lines = [ln for ln in f.read().splitlines() if ln.startswith("| ") and not ln.startswith("|---")]
+    return [[c.strip() for c in ln.strip("|").split("|")] for ln in lines[1:]]
+
+
+def plot():
+    """Bar charts of the two result tables (``--plot-only`` redraws them without retraining)."""
+    freeze, inst = read_table("finetuning_freeze.md"), read_table("finetuning_instruct.md")
+    fig, ax = plt.subplots(1, 2, figsize=(11, 3.5))
+    ax[0].barh([r[0] for r in freeze], [float(r[1]) for r in freeze])
+    ax[0].set(xlabel="eval token accuracy", title="Switch on synth_sort: what is updated")
+    names = [r[0] for r in inst]
+    x = range(len(names))
+    ax[1].bar([i - 0.2 for i in x], [float(r[3]) for r in inst], width=0.4, label="pretrain -> translate")
+    ax[1].bar([i + 0.2 for i in x], [float(r[4]) for r in inst], width=0.4, label="pretrain -> instruct -> translate")
+    ax[1].set(xticks=list(x), xticklabels=names, ylabel="eval token accuracy", title="instruction tuning, MoE vs dense")
+    ax[1].legend(fontsize=8)
+    save_plot(fig, "finetuning.png")
+
+
 if __name__ == "__main__":
-    main()
+    if "--plot-only" not in sys.argv:
+        main()
+    plot()
