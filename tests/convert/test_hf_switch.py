@@ -68,15 +68,21 @@ def test_switch_wrong_checkpoint(tmp_path):
         from_hf(str(tmp_path), num_encoder_layers=6)
 
 
-def test_switch_router_z_loss_matches_hf(tmp_path):
-    from moejax.convert.hf_losses import switch_z_loss
-
+def router_outputs(tmp_path):
+    """moejax's MoE stats and HF's outputs (with router logits) for the same converted tiny model."""
     hf = tiny_switch()
     hf.save_pretrained(tmp_path, safe_serialization=True)
     model, _ = from_hf(str(tmp_path))
     _, aux = model(jnp.asarray(ENC), jnp.asarray(DEC))
     with torch.no_grad():
         out = hf(input_ids=torch.tensor(ENC), decoder_input_ids=torch.tensor(DEC), output_router_logits=True)
+    return aux, out
+
+
+def test_switch_router_z_loss_matches_hf(tmp_path):
+    from moejax.convert.hf_losses import switch_z_loss
+
+    aux, out = router_outputs(tmp_path)
     np.testing.assert_allclose(float(switch_z_loss(aux.encoder)), float(out.encoder_z_loss), rtol=1e-5)
     np.testing.assert_allclose(float(switch_z_loss(aux.decoder)), float(out.decoder_z_loss), rtol=1e-5)
 
@@ -88,12 +94,7 @@ def test_switch_per_layer_load_balancing_loss_matches_hf(tmp_path):
     per-group statistics moejax does not export; with no drops the per-layer values are exact."""
     from transformers.models.switch_transformers.modeling_switch_transformers import load_balancing_loss_func
 
-    hf = tiny_switch()
-    hf.save_pretrained(tmp_path, safe_serialization=True)
-    model, _ = from_hf(str(tmp_path))
-    _, aux = model(jnp.asarray(ENC), jnp.asarray(DEC))
-    with torch.no_grad():
-        out = hf(input_ids=torch.tensor(ENC), decoder_input_ids=torch.tensor(DEC), output_router_logits=True)
+    aux, out = router_outputs(tmp_path)
     for ours, hf_layers in ((aux.encoder, out.encoder_router_logits), (aux.decoder, out.decoder_router_logits)):
         sparse = [r for r in hf_layers if len(r[0].shape) > 1]
         assert len(sparse) == ours.load_balancing_loss.shape[0]
