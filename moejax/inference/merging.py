@@ -46,16 +46,12 @@ def _stats_for(aux, path):
 def expert_usage(model: nnx.Module, batches) -> dict:
     """Selection frequency of every router output on calibration ``batches`` (dicts of seqio
     features): ``{layer path: [l, E]}`` (fractions of top-k selections per non-padding token)."""
+    from moejax.training.loss import apply
+
     paths = moe_layer_paths(model)
     sums, n = {p: 0.0 for p in paths}, 0
     for batch in batches:
-        batch = {k: jnp.asarray(v) for k, v in batch.items()}
-        if hasattr(model, "encode"):
-            enc = batch["encoder_input_tokens"]
-            _, aux = model(enc, batch["decoder_input_tokens"], encoder_mask=enc > 0,
-                           decoder_mask=batch["decoder_target_tokens"] > 0)
-        else:
-            _, aux = model(batch["decoder_input_tokens"], padding_mask=batch["decoder_target_tokens"] > 0)
+        _, aux = apply(model, {k: jnp.asarray(v) for k, v in batch.items()}, deterministic=True)
         for p in paths:
             sums[p] = sums[p] + np.asarray(_stats_for(aux, p).selection_fraction)
         n += 1

@@ -49,22 +49,24 @@ def cross_entropy(logits, targets, weights, z_loss: float = 0.0, label_smoothing
     return jnp.sum(ce * w), jnp.sum(z * w), jnp.sum(correct * w), jnp.sum(w)
 
 
-def forward(model, batch, deterministic: bool):
-    """Run the model on a batch -> ``(logits [b, s, v], list of MoeStats)``; a ``task_ids [b]``
-    entry is passed on (task-level routing)."""
-    targets = batch["decoder_target_tokens"]
-    dec_mask = targets > 0
+def apply(model, batch, deterministic: bool):
+    """Run the model on a batch of seqio features -> ``(logits [b, s, v], aux)`` (the model's own
+    aux: ``EncDecAux`` or ``DecoderAux``); a ``task_ids [b]`` entry is passed on."""
+    dec_mask = batch["decoder_target_tokens"] > 0
     tids = batch.get("task_ids")
     if isinstance(model, EncoderDecoder):
         enc = batch["encoder_input_tokens"]
-        logits, aux = model(enc, batch["decoder_input_tokens"], encoder_mask=enc > 0, decoder_mask=dec_mask,
-                            deterministic=deterministic, task_ids=tids)
-        stats = [s for s in (aux.encoder, aux.decoder) if s is not None]
-    else:
-        logits, aux = model(batch["decoder_input_tokens"], padding_mask=dec_mask, deterministic=deterministic,
-                            task_ids=tids)
-        stats = [] if aux.moe is None else [aux.moe]
-    return logits, stats
+        return model(enc, batch["decoder_input_tokens"], encoder_mask=enc > 0, decoder_mask=dec_mask,
+                     deterministic=deterministic, task_ids=tids)
+    return model(batch["decoder_input_tokens"], padding_mask=dec_mask, deterministic=deterministic, task_ids=tids)
+
+
+def forward(model, batch, deterministic: bool):
+    """:func:`apply` -> ``(logits [b, s, v], list of MoeStats)`` of the sparse stacks."""
+    logits, aux = apply(model, batch, deterministic)
+    if isinstance(model, EncoderDecoder):
+        return logits, [s for s in (aux.encoder, aux.decoder) if s is not None]
+    return logits, [] if aux.moe is None else [aux.moe]
 
 
 def moe_metrics(stats) -> dict:
