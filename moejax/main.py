@@ -15,7 +15,11 @@ one task of a task-routed model.
 [--gin.MACRO=VALUE ...]``: the gin-configured T5X-style entry points. The shipped ``gin/``
 directory is always on the search path, so ``--gin_file=runs/pretrain.gin`` works anywhere; the
 full config is written to ``MODEL_DIR/config.gin`` before the run and the operative one to
-``MODEL_DIR/operative_config.gin`` after it.
+``MODEL_DIR/operative_config.gin`` after it. Multi-host: add ``--multiprocess`` (cluster
+auto-detected) or ``--coordinator_address=H:P --process_count=N --process_index=I`` on every host.
+
+``moejax launch --processes N --devices_per_process D -- train ...``: the same as N local processes
+forming one global mesh (``moejax.launch``).
 """
 
 from __future__ import annotations
@@ -154,10 +158,22 @@ def parse_gin_flags(extra: list[str]) -> list[str]:
     return out
 
 
+def _init_distributed(args) -> None:
+    """Join a multi-process run when asked (before any device is touched)."""
+    explicit = args.coordinator_address is not None or args.process_count is not None or args.process_index is not None
+    if explicit or args.multiprocess:
+        from moejax.distributed import initialize
+
+        initialize(args.coordinator_address, args.process_count, args.process_index)
+
+
 def cmd_gin(args, extra) -> int:
     import gin
 
     from moejax import entry
+    from moejax.distributed import is_primary
+
+    _init_distributed(args)
 
     gin.clear_config()
     bindings = parse_gin_flags(extra)
@@ -173,12 +189,23 @@ def cmd_gin(args, extra) -> int:
     gin.finalize()
     model_dir = os.path.abspath(os.path.expanduser(gin.query_parameter("MODEL_DIR/macro.value")))
     os.makedirs(model_dir, exist_ok=True)
-    with open(os.path.join(model_dir, "config.gin"), "w") as f:
-        f.write(gin.config_str())
+    if is_primary():
+        with open(os.path.join(model_dir, "config.gin"), "w") as f:
+            f.write(gin.config_str())
     entry.run(args.command)
-    with open(os.path.join(model_dir, "operative_config.gin"), "w") as f:
-        f.write(gin.operative_config_str())
+    if is_primary():
+        with open(os.path.join(model_dir, "operative_config.gin"), "w") as f:
+            f.write(gin.operative_config_str())
     return 0
+
+
+def cmd_launch(args, extra) -> int:
+    from moejax.launch import launch_local
+
+    argv = [a for a in extra if a != "--"]
+    if not argv:
+        raise ValueError("nothing to launch; e.g. moejax launch --processes 2 -- train --gin_file=...")
+    return launch_local(argv, args.processes, args.devices_per_process, port=args.port, log_dir=args.log_dir)
 
 
 def main(argv=None) -> int:
@@ -219,11 +246,22 @@ def main(argv=None) -> int:
         pg = sub.add_parser(mode, help=f"gin-configured {mode} (T5X flags)")
         pg.add_argument("--gin_file", action="append", default=[], help="repeatable; searched on the gin paths")
         pg.add_argument("--gin_search_paths", action="append", default=[], help="comma-separated directories")
+        pg.add_argument("--multiprocess", action="store_true",
+                        help="join a multi-host run, cluster auto-detected (TPU pod slice, SLURM, MPI)")
+        pg.add_argument("--coordinator_address", default=None, help="host:port of process 0 (multi-process)")
+        pg.add_argument("--process_count", type=int, default=None, help="number of processes (multi-process)")
+        pg.add_argument("--process_index", type=int, default=None, help="this process's rank (multi-process)")
         pg.set_defaults(fn=cmd_gin)
+    pl = sub.add_parser("launch", help="run a train/eval/infer command as N local processes (one global mesh)")
+    pl.add_argument("--processes", type=int, default=2)
+    pl.add_argument("--devices_per_process", type=int, default=1, help="emulated CPU devices per process")
+    pl.add_argument("--port", type=int, default=None, help="coordinator port (default: a free one)")
+    pl.add_argument("--log_dir", default=None, help="where processes 1..N-1 log (default: a temp dir)")
+    pl.set_defaults(fn=cmd_launch)
     args, extra = p.parse_known_args(argv)
     try:
-        if args.fn is cmd_gin:
-            return cmd_gin(args, extra)
+        if args.fn in (cmd_gin, cmd_launch):
+            return args.fn(args, extra)
         if extra:
             p.error(f"unrecognized arguments: {' '.join(extra)}")
         return args.fn(args)

@@ -8,6 +8,7 @@ batches a resumed run has already consumed. Multi-host aware: each process reads
 from __future__ import annotations
 
 import difflib
+import functools
 
 import jax
 import numpy as np
@@ -58,41 +59,67 @@ def task_names(name: str) -> list[str]:
     return sorted(t.name for t in provider.tasks) if isinstance(provider, seqio.Mixture) else [name]
 
 
+def local_shards(data_shards: int | None = None) -> range:
+    """The seqio shards this process reads: ``data_shards`` (default: one per process) split evenly
+    over the processes in process order, so process ``p`` feeds rows ``[p*B/P, (p+1)*B/P)`` of the
+    global batch (checked against the mesh by :func:`to_global`)."""
+    pc, pi = jax.process_count(), jax.process_index()
+    d = pc if data_shards is None else int(data_shards)
+    if d < 1 or d % pc:
+        raise ValueError(f"data_shards={data_shards} must be a positive multiple of the {pc} processes")
+    return range(pi * d // pc, (pi + 1) * d // pc)
+
+
 def dataset(name: str, lengths: dict, batch_size: int, *, encoder_decoder: bool, split: str = "train",
             seed: int = 0, shuffle: bool = True, repeat: bool = True, start_step: int = 0,
-            with_task_ids: bool = False):
-    """A ``tf.data`` dataset of this process's batches (numpy dicts via ``as_numpy_iterator``).
+            with_task_ids: bool = False, data_shards: int | None = None):
+    """A ``tf.data`` dataset of this process's part of each global batch (numpy dicts via
+    ``as_numpy_iterator``): ``[batch_size / processes, length]`` features.
 
-    ``with_task_ids`` adds ``task_ids [b]`` (the example's index in :func:`task_names`) for
-    task-level routing; mixtures are then sampled here with the mixture's rates and ``seed``."""
+    A global batch is the concatenation of ``data_shards`` per-shard batches (``seqio.ShardInfo``;
+    default one shard per process, a single unsharded stream in one process). Each process reads
+    only its :func:`local_shards`, so a fixed ``data_shards`` gives the same global batches whatever
+    the number of processes (1, 2, 4, ... dividing it). ``with_task_ids`` adds ``task_ids [b]``
+    (the example's index in :func:`task_names`) for task-level routing; mixtures are then sampled
+    here with the mixture's rates and ``seed``."""
     import tensorflow as tf
 
     provider = get_provider(name)
     check_lengths(lengths, provider)
-    pc, pi = jax.process_count(), jax.process_index()
-    if batch_size % pc:
-        raise ValueError(f"batch_size={batch_size} is not divisible by the {pc} processes")
+    shards = local_shards(data_shards)
+    total = jax.process_count() if data_shards is None else int(data_shards)
+    if batch_size % total:
+        raise ValueError(f"batch_size={batch_size} is not divisible by the {total} data shards "
+                         f"({jax.process_count()} processes)")
 
-    def one(task_name):
+    def one(task_name, shard):
         p = get_provider(task_name)
         return seqio.get_dataset(task_name, task_feature_lengths={k: int(v) for k, v in lengths.items()
                                                                   if k in p.output_features},
                                  dataset_split=split, shuffle=shuffle, num_epochs=None if repeat else 1,
                                  feature_converter=feature_converter(p, encoder_decoder), seed=seed,
-                                 shard_info=seqio.ShardInfo(pi, pc) if pc > 1 else None, use_cached=False)
+                                 shard_info=seqio.ShardInfo(shard, total) if total > 1 else None, use_cached=False)
 
-    if with_task_ids:
-        names = task_names(name)
-        parts = [one(n).map(lambda ex, i=i: {**ex, "task_ids": tf.constant(i, tf.int32)}) for i, n in enumerate(names)]
-        if len(parts) == 1:
-            ds = parts[0]
+    def stream(shard):
+        if not with_task_ids:
+            ds = one(name, shard)
         else:
-            rates = [float(provider.get_rate(get_provider(n))) for n in names]
-            ds = tf.data.Dataset.sample_from_datasets(parts, weights=[r / sum(rates) for r in rates], seed=seed,
-                                                      stop_on_empty_dataset=repeat)
+            names = task_names(name)
+            parts = [one(n, shard).map(lambda ex, i=i: {**ex, "task_ids": tf.constant(i, tf.int32)})
+                     for i, n in enumerate(names)]
+            if len(parts) == 1:
+                ds = parts[0]
+            else:
+                rates = [float(provider.get_rate(get_provider(n))) for n in names]
+                ds = tf.data.Dataset.sample_from_datasets(parts, weights=[r / sum(rates) for r in rates], seed=seed,
+                                                          stop_on_empty_dataset=repeat)
+        return ds.batch(batch_size // total, drop_remainder=repeat)
+
+    if len(shards) == 1:
+        ds = stream(shards[0])
     else:
-        ds = one(name)
-    ds = ds.batch(batch_size // pc, drop_remainder=repeat)
+        ds = tf.data.Dataset.zip(tuple(stream(i) for i in shards)).map(
+            lambda *parts: {k: tf.concat([p[k] for p in parts], 0) for k in parts[0]})
     return ds.skip(start_step) if start_step else ds
 
 
@@ -123,14 +150,37 @@ def batch_sharding(mesh, rules=DEFAULT_RULES) -> NamedSharding:
     return NamedSharding(mesh, logical_to_spec(("batch", "length"), rules, mesh))
 
 
+@functools.lru_cache(maxsize=64)
+def _check_process_rows(sharding: NamedSharding, global_shape: tuple) -> None:
+    """This process's devices must hold rows ``[p*B/P, (p+1)*B/P)`` of the global batch, the rows
+    :func:`local_shards` reads (true for meshes built from ``jax.devices()`` in process order)."""
+    pc, pi = jax.process_count(), jax.process_index()
+    if pc == 1:
+        return
+    b = global_shape[0]
+    rows = set()
+    for dev, idx in sharding.devices_indices_map(global_shape).items():
+        if dev.process_index == pi:
+            rows.update(range(*idx[0].indices(b)))
+    want = set(range(pi * b // pc, (pi + 1) * b // pc))
+    if rows != want:
+        raise ValueError(f"process {pi} holds batch rows {min(rows)}..{max(rows)} ({len(rows)} rows) of the "
+                         f"global batch of {b} on mesh {dict(sharding.mesh.shape)}, not the contiguous block "
+                         f"{pi * b // pc}..{(pi + 1) * b // pc - 1} its data shards fill; build the mesh so that "
+                         "each process's devices are one block of the batch axes (e.g. moejax.mesh.create_mesh)")
+
+
 def to_global(batch: dict, mesh, rules=DEFAULT_RULES) -> dict:
-    """This process's numpy batch -> global ``jax.Array``s sharded over the batch axes."""
+    """This process's numpy batch ``[b / processes, ...]`` -> global ``jax.Array``s ``[b, ...]``
+    sharded over the batch axes (rank-1 features such as ``task_ids`` by rows only)."""
     sharding = batch_sharding(mesh, rules)
     shards = spec_divisor(sharding.spec, mesh, 0)
-    b = next(iter(batch.values())).shape[0] * jax.process_count()
+    first = np.asarray(next(iter(batch.values())))
+    b = first.shape[0] * jax.process_count()
     if b % shards:
         raise ValueError(f"global batch size {b} is not divisible by the {shards} batch shards of mesh "
                          f"{dict(mesh.shape)}; use a multiple of {shards}")
+    _check_process_rows(sharding, (b,) + first.shape[1:])
     row = NamedSharding(mesh, type(sharding.spec)(sharding.spec[0]))      # [b] features (task_ids)
     return {k: jax.make_array_from_process_local_data(sharding if np.ndim(v) > 1 else row, np.asarray(v))
             for k, v in batch.items()}

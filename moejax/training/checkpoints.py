@@ -36,10 +36,16 @@ def _unflatten(like, flat: dict):
 
 
 def check_model_dir(model_dir: str, model_cfg) -> None:
-    """Record ``model_cfg`` in ``model_dir``; refuse a directory holding another model's checkpoints."""
+    """Record ``model_cfg`` in ``model_dir``; refuse a directory holding another model's checkpoints.
+    In a multi-process run process 0 writes the record and the others wait for it."""
+    from moejax.distributed import barrier, is_primary
+
     os.makedirs(model_dir, exist_ok=True)
     path = os.path.join(model_dir, "model_config.json")
-    if os.path.exists(path):
+    barrier("moejax_check_model_dir_before")
+    exists = os.path.exists(path)
+    barrier("moejax_check_model_dir_seen")
+    if exists:
         with open(path) as f:
             saved = config_from_json(json.load(f))
         if saved != model_cfg:
@@ -47,10 +53,12 @@ def check_model_dir(model_dir: str, model_cfg) -> None:
                              f"d_model={getattr(saved, 'd_model', '?')}, vocab={getattr(saved, 'vocab_size', '?')}); "
                              "use a new MODEL_DIR, or INITIAL_CHECKPOINT_PATH to start from it")
         return
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(config_to_json(model_cfg), f, indent=2)
-    os.replace(tmp, path)
+    if is_primary():
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(config_to_json(model_cfg), f, indent=2)
+        os.replace(tmp, path)
+    barrier("moejax_check_model_dir_written")
 
 
 class Checkpointer:
@@ -63,6 +71,9 @@ class Checkpointer:
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps() or [])
 
     def save(self, state, force: bool = True) -> None:
         step = int(state.step)

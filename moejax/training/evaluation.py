@@ -13,6 +13,7 @@ import numpy as np
 import seqio
 
 from moejax.data import batches as data
+from moejax.distributed import replicated, to_host
 from moejax.inference.decode import generate, generate_encdec
 from moejax.training.writers import MetricWriter
 
@@ -61,14 +62,15 @@ def predict_task(fns, params, model_cfg, task: seqio.Task, cfg, split: str, max_
             chunk = exs[i:i + bs]
             real = len(chunk)
             chunk = chunk + [chunk[-1]] * (bs - real)          # static batch shape
-            tids = None if task_id is None else jnp.full((bs,), task_id, jnp.int32)
+            # every process decodes the same examples: inputs are replicated global arrays
+            tids = None if task_id is None else replicated(np.full((bs,), task_id, np.int32), fns.mesh)
             if isinstance(model_cfg, EncDecConfig):
-                enc = jnp.asarray(_pad([e["inputs"] for e in chunk], lengths["inputs"]))
+                enc = replicated(_pad([e["inputs"] for e in chunk], lengths["inputs"]), fns.mesh)
                 out = generate_encdec(model, enc, n_new, start_id=0, encoder_mask=enc > 0, task_ids=tids)
             else:
-                prompt = jnp.asarray(_pad([e["inputs"] for e in chunk], lengths["inputs"], left=True))
+                prompt = replicated(_pad([e["inputs"] for e in chunk], lengths["inputs"], left=True), fns.mesh)
                 out = generate(model, prompt, n_new, prompt_mask=prompt > 0, task_ids=tids)[:, prompt.shape[1]:]
-            out = np.asarray(out)
+            out = to_host(out)
             for e, o in zip(chunk[:real], out[:real]):
                 rows.append({"inputs": e["inputs_pretokenized"].decode() if "inputs_pretokenized" in e else "",
                              "target": e["targets_pretokenized"].decode() if "targets_pretokenized" in e
@@ -88,12 +90,12 @@ def evaluate(model_dir: str, fns, params, model_cfg, cfg, step: int) -> dict:
     routed = task_routed(model_cfg)
     ds = data.dataset(name, cfg.task_feature_lengths, cfg.batch_size, encoder_decoder=isinstance(model_cfg, EncDecConfig),
                       split="validation", shuffle=False, repeat=True, seed=cfg.seed,
-                      with_task_ids=routed).take(cfg.eval_batches)
+                      with_task_ids=routed, data_shards=getattr(cfg, "data_shards", None)).take(cfg.eval_batches)
     losses = []
     with jax.set_mesh(fns.mesh):
         for batch in ds.as_numpy_iterator():
-            m = jax.device_get(fns.eval_step(params, data.to_global(batch, fns.mesh, fns.rules)))
-            losses.append({k: float(v) for k, v in m.items() if np.ndim(v) == 0})
+            m = fns.eval_step(params, data.to_global(batch, fns.mesh, fns.rules))
+            losses.append({k: float(to_host(v)) for k, v in m.items() if np.ndim(v) == 0})
     for k in ("loss", "cross_entropy", "accuracy", "tokens_dropped_fraction"):
         if losses:
             results[f"eval/{k}"] = float(np.mean([l[k] for l in losses]))

@@ -18,7 +18,9 @@ from flax import nnx
 from tqdm import tqdm
 
 from moejax.data import batches as data
-from moejax.sharding import DEFAULT_RULES, make_mesh
+from moejax.distributed import is_primary, to_host
+from moejax.mesh import create_mesh, global_shape
+from moejax.sharding import DEFAULT_RULES
 from moejax.training import evaluation
 from moejax.training.checkpoints import Checkpointer, check_model_dir, restore_params
 from moejax.training.loss import LossConfig
@@ -55,6 +57,8 @@ class TrainConfig:
     distill_temperature: float = 1.0
     init_from_teacher: bool = True
     mesh_shape: dict | None = None
+    dcn_mesh_shape: dict | None = None
+    data_shards: int | None = None
 
 
 def task_routed(model_cfg) -> bool:
@@ -62,17 +66,21 @@ def task_routed(model_cfg) -> bool:
     return model_cfg.moe is not None and model_cfg.moe.router == "task"
 
 
-def _mesh(shape):
-    """A mesh over all devices, or over the first N when the shape's N divides the device count."""
-    shape = dict(shape or {"data": jax.device_count()})
-    n, have = int(np.prod(list(shape.values()))), jax.device_count()
+def _mesh(shape, dcn_shape=None):
+    """The run's mesh (``moejax.mesh.create_mesh``): over all devices, or in a single process over
+    the first N when the shape's N divides the device count."""
+    slices = int(np.prod([int(v) for v in (dcn_shape or {}).values()]))
+    shape = dict(shape or {"data": jax.device_count() // slices})
+    n, have = int(np.prod(list(global_shape(shape, dcn_shape).values()))), jax.device_count()
     if n < 1 or have % n or (n != have and jax.process_count() > 1):
-        raise ValueError(f"mesh {shape} needs {n} devices, which does not divide the {have} devices available")
-    return make_mesh(shape, jax.devices()[:n])
+        what = f"{shape} x dcn {dcn_shape}" if dcn_shape else f"{shape}"
+        raise ValueError(f"mesh {what} needs {n} devices, which does not divide the {have} devices available"
+                         + (f" (a {jax.process_count()}-process run must use all of them)" if jax.process_count() > 1 else ""))
+    return create_mesh(shape, dcn_shape, jax.devices()[:n])
 
 
 def _host(metrics: dict) -> dict:
-    return {k: np.asarray(v) for k, v in jax.device_get(metrics).items()}
+    return {k: to_host(v) for k, v in metrics.items()}
 
 
 def train(model_dir: str, model_cfg, cfg: TrainConfig, optimizer=None, rules=DEFAULT_RULES, progress: bool = True):
@@ -85,7 +93,7 @@ def train(model_dir: str, model_cfg, cfg: TrainConfig, optimizer=None, rules=DEF
     optimizer = optimizer or make_optimizer()
     if cfg.train_steps < 1:
         raise ValueError(f"train_steps must be >= 1, got {cfg.train_steps}")
-    mesh = _mesh(cfg.mesh_shape)
+    mesh = _mesh(cfg.mesh_shape, cfg.dcn_mesh_shape)
     enc_dec = isinstance(model_cfg, EncDecConfig)
     data.get_provider(cfg.mixture_or_task)          # fail fast on a name typo
     data.check_truncation(cfg.mixture_or_task, cfg.task_feature_lengths)
@@ -117,9 +125,10 @@ def train(model_dir: str, model_cfg, cfg: TrainConfig, optimizer=None, rules=DEF
     start = int(state.step)
     writer = MetricWriter(model_dir, "train")
     ds = data.dataset(cfg.mixture_or_task, cfg.task_feature_lengths, cfg.batch_size, encoder_decoder=enc_dec,
-                      seed=cfg.seed, start_step=start, with_task_ids=task_routed(model_cfg))
+                      seed=cfg.seed, start_step=start, with_task_ids=task_routed(model_cfg), data_shards=cfg.data_shards)
     it = ds.as_numpy_iterator()
-    bar = tqdm(total=cfg.train_steps, initial=start, disable=not progress, desc="train", dynamic_ncols=True)
+    bar = tqdm(total=cfg.train_steps, initial=start, disable=not (progress and is_primary()), desc="train",
+               dynamic_ncols=True)
     window, t0, tokens = [], time.time(), 0
     try:
         for step in range(start, cfg.train_steps):
@@ -133,6 +142,9 @@ def train(model_dir: str, model_cfg, cfg: TrainConfig, optimizer=None, rules=DEF
             if done % cfg.log_every == 0 or done == cfg.train_steps:
                 host = [_host(m) for m in window]
                 dt = time.time() - t0
+                if jax.process_count() > 1:       # every process's real tokens (host values, at log time only)
+                    from jax.experimental import multihost_utils
+                    tokens = int(np.sum(multihost_utils.process_allgather(np.int64(tokens))))
                 scalars = {k: float(np.mean([h[k] for h in host])) for k in host[-1] if np.ndim(host[-1][k]) == 0}
                 scalars.update(steps_per_sec=len(host) / dt, tokens_per_sec=tokens / dt, step_time=dt / len(host))
                 scalars["learning_rate"] = float(optimizer.schedule(done))
@@ -173,7 +185,7 @@ def load_for_eval(model_dir: str, model_cfg, cfg: TrainConfig, checkpoint: str |
     """``(StepFns, params, step)`` from ``model_dir``'s latest checkpoint or from ``checkpoint``."""
     import optax
 
-    mesh = _mesh(cfg.mesh_shape)
+    mesh = _mesh(cfg.mesh_shape, cfg.dcn_mesh_shape)
     fns = StepFns(model_cfg, optax.identity(), mesh, loss=cfg.loss, seed=cfg.seed)
     if checkpoint:
         return fns, restore_params(checkpoint, fns.abstract_state().params, model_cfg), 0
@@ -201,9 +213,10 @@ def run_infer(model_dir: str, model_cfg, cfg: TrainConfig, checkpoint: str | Non
     for task in evaluation.tasks_of(name):
         for r in evaluation.predict_task(fns, params, model_cfg, task, cfg, split, cfg.infer_examples):
             rows.append({"task": task.name, **r})
-    with open(out, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    print(f"wrote {len(rows)} predictions to {out}")
+    if is_primary():
+        with open(out, "w") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+        print(f"wrote {len(rows)} predictions to {out}")
     return out
 

@@ -2,7 +2,8 @@
 
 ``MetricWriter(model_dir, 'train')`` writes scalars and histograms under ``<model_dir>/train``
 (open it with ``tensorboard --logdir MODEL_DIR``) and appends every record to
-``<model_dir>/train_metrics.jsonl``.
+``<model_dir>/train_metrics.jsonl``. In a multi-process run only process 0 writes (the values are
+global); the writers of the other processes do nothing.
 """
 
 from __future__ import annotations
@@ -15,13 +16,17 @@ import numpy as np
 
 class MetricWriter:
     def __init__(self, model_dir: str, name: str):
+        import jax
         import tensorflow as tf
 
         self._tf = tf
-        self.writer = tf.summary.create_file_writer(os.path.join(model_dir, name))
+        self.enabled = jax.process_index() == 0
+        self.writer = tf.summary.create_file_writer(os.path.join(model_dir, name)) if self.enabled else None
         self.jsonl = os.path.join(model_dir, f"{name}_metrics.jsonl")
 
     def write(self, step: int, scalars: dict, histograms: dict | None = None) -> None:
+        if not self.enabled:
+            return
         tf = self._tf
         with self.writer.as_default(step=int(step)):
             for k, v in scalars.items():
@@ -35,7 +40,8 @@ class MetricWriter:
             f.write(json.dumps(rec) + "\n")
 
     def close(self) -> None:
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()
 
 
 def read_jsonl(path: str) -> list[dict]:
