@@ -8,7 +8,6 @@ Results go to ``<model_dir>/eval`` (TensorBoard), ``eval_metrics.jsonl`` and are
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import seqio
 
