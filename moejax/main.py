@@ -1,6 +1,8 @@
 """moejax command line.
 
 ``moejax params --model mixtral_8x7b [--mesh data=64,expert=8,model=4]``: exact parameter counts.
+``moejax layout --devices 2048 [--models switch_c_2048,nllb_moe_54b]``: per-device bytes of params,
+optimizer state and MoE dispatch buffers on a pod-scale mesh, from abstract shapes.
 ``moejax convert --hf_dir DIR --out CKPT``: a HF checkpoint (Mixtral / Llama / Mistral, Switch / T5,
 NLLB-MoE) to a moejax orbax checkpoint (restore with ``moejax.convert.checkpoint.restore``).
 
@@ -59,6 +61,16 @@ def cmd_params(args) -> int:
         print(f"  optimizer {b['optimizer'] / gib:.3f} GiB per device (AdamW, two f32 moments)")
         if b["large_replicated"]:
             print(f"  replicated (not sharded by any rule): {', '.join(b['large_replicated'])}")
+    return 0
+
+
+def cmd_layout(args) -> int:
+    from moejax.layout import table
+    from moejax.models.registry import names
+
+    models = [m for m in args.models.split(",") if m] if args.models else names()
+    mesh = _parse_mesh(args.mesh) if args.mesh else None
+    print(table(models, args.devices, mesh))
     return 0
 
 
@@ -215,6 +227,11 @@ def main(argv=None) -> int:
     pp.add_argument("--model", required=True, help="a registered config name")
     pp.add_argument("--mesh", default="", help="e.g. data=64,expert=8,model=4: bytes per device")
     pp.set_defaults(fn=cmd_params)
+    pl = sub.add_parser("layout", help="per-device bytes of params, optimizer state and MoE buffers on a pod mesh")
+    pl.add_argument("--devices", type=int, default=2048, help="mesh size (a data x expert x model mesh is chosen)")
+    pl.add_argument("--mesh", default="", help="or an explicit mesh, e.g. data=16,expert=64,model=2")
+    pl.add_argument("--models", default="", help="comma-separated config names (default: all registered)")
+    pl.set_defaults(fn=cmd_layout)
     pc = sub.add_parser("convert", help="Hugging Face save_pretrained dir (safetensors) -> moejax orbax checkpoint")
     pc.add_argument("--hf_dir", required=True)
     pc.add_argument("--out", required=True)
@@ -252,12 +269,12 @@ def main(argv=None) -> int:
         pg.add_argument("--process_count", type=int, default=None, help="number of processes (multi-process)")
         pg.add_argument("--process_index", type=int, default=None, help="this process's rank (multi-process)")
         pg.set_defaults(fn=cmd_gin)
-    pl = sub.add_parser("launch", help="run a train/eval/infer command as N local processes (one global mesh)")
-    pl.add_argument("--processes", type=int, default=2)
-    pl.add_argument("--devices_per_process", type=int, default=1, help="emulated CPU devices per process")
-    pl.add_argument("--port", type=int, default=None, help="coordinator port (default: a free one)")
-    pl.add_argument("--log_dir", default=None, help="where processes 1..N-1 log (default: a temp dir)")
-    pl.set_defaults(fn=cmd_launch)
+    pn = sub.add_parser("launch", help="run a train/eval/infer command as N local processes (one global mesh)")
+    pn.add_argument("--processes", type=int, default=2)
+    pn.add_argument("--devices_per_process", type=int, default=1, help="emulated CPU devices per process")
+    pn.add_argument("--port", type=int, default=None, help="coordinator port (default: a free one)")
+    pn.add_argument("--log_dir", default=None, help="where processes 1..N-1 log (default: a temp dir)")
+    pn.set_defaults(fn=cmd_launch)
     args, extra = p.parse_known_args(argv)
     try:
         if args.fn in (cmd_gin, cmd_launch):
