@@ -31,7 +31,7 @@ import math
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, NamedSharding
 
 from moejax.sharding import DEFAULT_RULES, Rules, logical_to_spec, spec_divisor, state_shardings, variable_logical_axes
 

@@ -95,7 +95,7 @@ def test_mesh_gin_files(name, devices_needed):
 
     gin.clear_config()
     gin.add_config_file_search_path(shipped_gin_dir())
-    gin.parse_config_files_and_bindings([f"runs/base.gin", f"mesh/{name}.gin"], [], finalize_config=False)
+    gin.parse_config_files_and_bindings(["runs/base.gin", f"mesh/{name}.gin"], [], finalize_config=False)
     shape = gin.query_parameter("MESH_SHAPE/macro.value")
     dcn = gin.query_parameter("DCN_MESH_SHAPE/macro.value")
     gin.clear_config()

@@ -13,6 +13,7 @@ ROUTERS = ("top_k", "expert_choice", "noisy_top_k", "task")
 POLICIES = ("all", "random", "sampling")
 WEIGHT_NORMS = ("none", "topk", "kept")
 BACKENDS = ("gather", "einsum", "ragged")
+GROUPED_MATMULS = ("auto", "ragged_dot", "megablox")      # moejax.moe.grouped.IMPLS
 ACTIVATIONS = ("relu", "gelu", "gelu_exact", "silu", "gated-gelu", "gated-gelu_exact", "swiglu", "split-swiglu")
 
 
@@ -69,7 +70,9 @@ class MoeConfig:
     Numerics and layout
       dtype: compute dtype of the experts; param_dtype: parameter dtype. The router computes in
       ``router_dtype`` — float32 by default ("selective precision"); bfloat16 exists for the
-      ablation in ``experiments/router_precision.py``; its logits are cast to float32 either way. backend: ``"gather"`` (default), ``"einsum"`` or ``"ragged"``. axis_rules: the
+      ablation in ``experiments/router_precision.py``; its logits are cast to float32 either way. backend: ``"gather"`` (default), ``"einsum"`` or ``"ragged"``. grouped_matmul: the ragged backend's
+      kernel, ``"auto"`` (Megablox on TPU, else ``jax.lax.ragged_dot``), ``"ragged_dot"`` or
+      ``"megablox"`` (:mod:`moejax.moe.grouped`). axis_rules: the
       logical -> mesh axis table for activation constraints.
     """
 
@@ -104,6 +107,7 @@ class MoeConfig:
     quant_bits: int | None = None
     quant_group_size: int | None = None
     backend: str = "gather"
+    grouped_matmul: str = "auto"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     router_dtype: Any = jnp.float32
@@ -128,6 +132,7 @@ class MoeConfig:
         choice("second_expert_policy", self.second_expert_policy, POLICIES)
         choice("weight_norm", self.weight_norm, WEIGHT_NORMS)
         choice("backend", self.backend, BACKENDS)
+        choice("grouped_matmul", self.grouped_matmul, GROUPED_MATMULS)
         choice("activation", self.activation, ACTIVATIONS)
         if self.num_experts < 1:
             raise ValueError(f"num_experts must be >= 1, got {self.num_experts}")

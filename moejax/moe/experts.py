@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moejax.moe.grouped import grouped_matmul
+
 _ACT = {
     "relu": jax.nn.relu,
     "gelu": lambda x: jax.nn.gelu(x, approximate=True),
@@ -112,8 +114,9 @@ class Experts(nnx.Module):
     def __init__(self, num_experts: int, d_model: int, d_ff: int, *, activation: str = "relu",
                  use_bias: bool = False, dropout: float = 0.0, dtype=jnp.float32,
                  param_dtype=jnp.float32, expert_axis: str = "expert", quant_bits: int | None = None,
-                 quant_group_size: int | None = None, rngs: nnx.Rngs):
+                 quant_group_size: int | None = None, grouped_matmul: str = "auto", rngs: nnx.Rngs):
         self.act, self.gated = activation_fn(activation)
+        self.grouped_matmul = grouped_matmul
         self.quant_bits, self.quant_group_size = quant_bits, quant_group_size
         self.num_experts, self.dtype = num_experts, dtype
         ea = expert_axis
@@ -202,8 +205,12 @@ class Experts(nnx.Module):
                rngs: nnx.Rngs | None = None) -> jax.Array:
         """Grouped-matmul form: ``x [m, d]`` sorted by expert, ``group_sizes [e]`` -> ``[m, d]``.
 
-        Rows past ``sum(group_sizes)`` come out as zeros. Uses ``jax.lax.ragged_dot``.
+        Rows past ``sum(group_sizes)`` come out as zeros. Uses :func:`moejax.moe.grouped.grouped_matmul`
+        (``jax.lax.ragged_dot``, or Megablox on TPU).
         """
+        def gmm(a, name):
+            return grouped_matmul(a, self._p(name), group_sizes, self.grouped_matmul)
+
         x = x.astype(self.dtype)
         rows = jnp.arange(x.shape[0])
         if self.use_bias:
@@ -211,18 +218,18 @@ class Experts(nnx.Module):
             valid = (rows < jnp.sum(group_sizes))[:, None]
             expert_of_row = jnp.minimum(expert_of_row, self.num_experts - 1)
         if self.gated:
-            up = jax.lax.ragged_dot(x, self._p("wi_0"), group_sizes)
-            gate = jax.lax.ragged_dot(x, self._p("wi_1"), group_sizes)
+            up = gmm(x, "wi_0")
+            gate = gmm(x, "wi_1")
             if self.use_bias:
                 up = up + self._p("bi")[expert_of_row] * valid
                 gate = gate + self._p("bi_1")[expert_of_row] * valid
         else:
-            up = jax.lax.ragged_dot(x, self._p("wi"), group_sizes)
+            up = gmm(x, "wi")
             gate = None
             if self.use_bias:
                 up = up + self._p("bi")[expert_of_row] * valid
         h = self._hidden(up, gate, deterministic, rngs)
-        y = jax.lax.ragged_dot(h, self._p("wo"), group_sizes)
+        y = gmm(h, "wo")
         if self.use_bias:
             y = y + self._p("bo")[expert_of_row] * valid
         return y

@@ -97,7 +97,8 @@ class MoeLayer(nnx.Module):
             self.experts = Experts(cfg.num_experts, cfg.d_model, cfg.d_ff, activation=cfg.activation,
                                    use_bias=cfg.use_bias, dropout=cfg.expert_dropout, dtype=cfg.dtype,
                                    param_dtype=cfg.param_dtype, quant_bits=cfg.quant_bits,
-                                   quant_group_size=cfg.quant_group_size, rngs=rngs)
+                                   quant_group_size=cfg.quant_group_size, grouped_matmul=cfg.grouped_matmul,
+                                   rngs=rngs)
         self.shared = (
             DenseFFN(cfg.d_model, (cfg.shared_d_ff or cfg.d_ff) * cfg.num_shared_experts,
                      activation=cfg.activation, use_bias=cfg.use_bias, dtype=cfg.dtype,
