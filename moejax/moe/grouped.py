@@ -26,8 +26,10 @@ IMPLS = ("auto", "ragged_dot", "megablox")
 
 def megablox_available() -> bool:
     """Does this JAX ship the Megablox kernel?"""
+    import importlib
+
     try:
-        from jax.experimental.pallas.ops.tpu.megablox import ops  # noqa: F401
+        importlib.import_module("jax.experimental.pallas.ops.tpu.megablox.ops")
     except Exception:          # ImportError, or a Pallas/Mosaic import failure on this platform
         return False
     return True

@@ -13,7 +13,7 @@ import pytest
 from moejax.data.batches import to_global
 from moejax.models.registry import get_config
 from moejax.moe import MoeConfig
-from moejax.sharding import make_mesh
+from moejax.sharding import DEFAULT_RULES, make_mesh
 from moejax.training.checkpoints import Checkpointer, check_model_dir
 from moejax.training.loss import LossConfig, cross_entropy
 from moejax.training.optim import make_optimizer, make_schedule
@@ -237,17 +237,28 @@ def test_bf16_compute_keeps_f32_params(make_test_mesh):
     assert np.isfinite(float(met["loss"])) and float(met["loss"]) > 0
 
 
-def test_train_step_hlo_all_to_all_and_no_expert_weight_gather(make_test_mesh):
-    """Golden check on a full expert-parallel train step: the compiled program dispatches with
-    all-to-alls and never all-gathers an expert kernel (a rules change that swapped them fails)."""
-    mesh = make_test_mesh({"data": 2, "expert": 4})
-    cfg = tiny(moe=MoeConfig(num_experts=8, d_model=64, d_ff=128, top_k=1, max_group_size=256, group_multiple=8))
-    fns = StepFns(cfg, make_optimizer("adamw", 1e-3, schedule="constant").tx, mesh)
-    state = fns.abstract_state()
+def _train_step_collectives(mesh, layer_rules=None):
+    """``(all-to-all count, expert-kernel shapes that are all-gathered)`` of the compiled train step
+    of a tiny expert-parallel Switch; ``layer_rules`` overrides the MoE layer's activation rules."""
+    moe = MoeConfig(num_experts=8, d_model=64, d_ff=128, top_k=1, max_group_size=256, group_multiple=8,
+                    axis_rules=layer_rules or DEFAULT_RULES)
+    fns = StepFns(tiny(moe=moe), make_optimizer("adamw", 1e-3, schedule="constant").tx, mesh)
     batch = to_global(fake_batch(b=8), mesh)
     with jax.set_mesh(mesh):
-        hlo = jax.jit(fns._train_step).lower(state, batch, None).compile().as_text()
-    assert hlo.count("all-to-all(") >= 4            # dispatch + combine, forward and backward, per sparse layer
+        hlo = jax.jit(fns._train_step).lower(fns.abstract_state(), batch, None).compile().as_text()
     gathers = " ".join(line for line in hlo.splitlines() if "all-gather(" in line)
-    for shape in ("[1,8,64,128]", "[1,8,128,64]", "[8,64,128]", "[8,128,64]"):
-        assert f"f32{shape}" not in gathers, shape
+    kernels = [shape for shape in ("[1,8,64,128]", "[1,8,128,64]", "[8,64,128]", "[8,128,64]") if f"f32{shape}" in gathers]
+    return hlo.count("all-to-all("), kernels
+
+
+def test_train_step_hlo_all_to_all_and_no_expert_weight_gather(make_test_mesh):
+    """Golden check on a full expert-parallel train step: the compiled program dispatches with
+    all-to-alls and never all-gathers an expert kernel. The negative control is the MaxText
+    Mixtral regression class: activation rules that keep the dispatched buffers batch-sharded make
+    XLA gather the expert kernels instead, and the same check catches it."""
+    mesh = make_test_mesh({"data": 2, "expert": 4})
+    a2a, gathered = _train_step_collectives(mesh)
+    assert a2a >= 4 and gathered == []          # dispatch + combine, forward and backward, per sparse layer
+    swapped = tuple((k, {"expert": None, "expert_group": ("data", "expert")}.get(k, v)) for k, v in DEFAULT_RULES)
+    a2a_bad, gathered_bad = _train_step_collectives(mesh, swapped)
+    assert gathered_bad, (a2a_bad, gathered_bad)          # caught: the expert kernels are all-gathered
