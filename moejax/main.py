@@ -27,6 +27,7 @@ forming one global mesh (``moejax.launch``).
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
@@ -170,6 +171,11 @@ def parse_gin_flags(extra: list[str]) -> list[str]:
     return out
 
 
+class _DropGinPathProbe(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Path not found: ")
+
+
 def _init_distributed(args) -> None:
     """Join a multi-process run when asked (before any device is touched)."""
     explicit = args.coordinator_address is not None or args.process_count is not None or args.process_index is not None
@@ -196,7 +202,12 @@ def cmd_gin(args, extra) -> int:
             gin.add_config_file_search_path(d)
     if not args.gin_file:
         raise ValueError("no --gin_file given; e.g. --gin_file=examples/tiny_switch_pretrain.gin")
-    gin.parse_config_files_and_bindings(args.gin_file, bindings, finalize_config=False)
+    probe = _DropGinPathProbe()          # gin logs an ERROR for every file before it tries the search paths
+    logging.getLogger().addFilter(probe)
+    try:
+        gin.parse_config_files_and_bindings(args.gin_file, bindings, finalize_config=False)
+    finally:
+        logging.getLogger().removeFilter(probe)
     entry.check_required_macros()          # names every unset macro (gin's own check stops at the first)
     gin.finalize()
     model_dir = os.path.abspath(os.path.expanduser(gin.query_parameter("MODEL_DIR/macro.value")))
