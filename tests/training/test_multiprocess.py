@@ -17,11 +17,11 @@ from moejax.training.writers import read_jsonl
 
 pytestmark = pytest.mark.slow
 
-STEPS = 8
+STEPS = 4
 ARGS = ["train", "--gin_file=models/tiny_switch.gin", "--gin_file=runs/pretrain.gin", "--gin_file=mesh/data2_expert4.gin",
         "--gin.MIXTURE_OR_TASK_NAME='corpus_span_corruption'", "--gin.BATCH_SIZE=16", f"--gin.TRAIN_STEPS={STEPS}",
         "--gin.WARMUP_STEPS=2", "--gin.moejax.optimizer.learning_rate=0.01", "--gin.moejax.TrainConfig.log_every=1",
-        "--gin.moejax.TrainConfig.save_every=4", "--gin.moejax.TrainConfig.eval_batches=2",
+        "--gin.moejax.TrainConfig.save_every=2", "--gin.moejax.TrainConfig.eval_batches=2",
         "--gin.moejax.TrainConfig.infer_examples=4", "--gin.DATA_SHARDS=4"]
 
 
@@ -68,23 +68,26 @@ def test_multiprocess_run_equals_single_process(single, tmp_path, processes):
     # metrics are written once (process 0), one record per step, equal to the single-process run
     recs, ref = _records(d, "train"), _records(single, "train")
     assert [r["step"] for r in recs] == list(range(1, STEPS + 1))
+    # the same batches, forward and updates: equal up to the all-reduces' other summation order
+    # (later in training that noise grows; a near-tie routing decision can flip), far below the
+    # percent-level change a data or sharding bug makes from step 1
     for key in ("loss", "cross_entropy", "load_balancing_loss", "grad_norm", "tokens_dropped_fraction"):
-        np.testing.assert_allclose([r[key] for r in recs], [r[key] for r in ref], rtol=2e-5, err_msg=key)
+        a, b = [r[key] for r in recs], [r[key] for r in ref]
+        np.testing.assert_allclose(a[:2], b[:2], rtol=1e-6, atol=1e-7, err_msg=key)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=key)
     assert recs[0]["tokens_per_sec"] > 0
     assert [r["step"] for r in read_jsonl(os.path.join(single, "train_metrics.jsonl"))] == list(range(1, STEPS + 1))
     ev, ev_ref = _records(d, "eval")[-1], _records(single, "eval")[-1]
     if not extra:
         assert set(ev) == set(ev_ref)              # the decoding metrics were computed too
-        np.testing.assert_allclose([ev[k] for k in sorted(ev)], [ev_ref[k] for k in sorted(ev)], rtol=1e-4)
-    np.testing.assert_allclose(ev["eval/loss"], ev_ref["eval/loss"], rtol=2e-5)
+        np.testing.assert_allclose([ev[k] for k in sorted(ev)], [ev_ref[k] for k in sorted(ev)], atol=0.02)
+    np.testing.assert_allclose(ev["eval/loss"], ev_ref["eval/loss"], rtol=1e-5)
     # one coherent checkpoint per save, restored here in a single process: equal to the reference
-    # up to float reassociation (the all-reduces sum in another order). Measured: 3e-6 per tensor
-    # after 4 steps; the chaotic early training then grows it to ~2e-4 by step 8 (two single-process
-    # meshes, 2x4 vs 4x2, differ by 3e-5 there).
-    for step, tol in ((4, 2e-5), (8, 5e-3)):
+    # up to that summation order (measured 3e-6 per tensor after 4 steps)
+    for step in (2, 4):
         steps, state = _state(d, step)
         ref_steps, ref_state = _state(single, step)
-        assert steps == ref_steps == [4, 8] and int(state.step) == step
+        assert steps == ref_steps == [2, 4] and int(state.step) == step
         for kind in ("params", "opt_state"):
             a_leaves = jax.tree_util.tree_leaves_with_path(getattr(state, kind))
             b_leaves = jax.tree_util.tree_leaves(getattr(ref_state, kind))
@@ -94,6 +97,6 @@ def test_multiprocess_run_equals_single_process(single, tmp_path, processes):
                 a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
                 rel = np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12)
                 worst = max(worst, rel)
-                assert rel < tol, (step, kind, jax.tree_util.keystr(path), rel)
+                assert rel < 2e-5, (step, kind, jax.tree_util.keystr(path), rel)
             print(f"{processes} processes, step {step}: worst per-tensor relative difference of {kind} {worst:.1e}")
-    assert sorted(os.listdir(os.path.join(d, "checkpoints"))) == ["4", "8"]     # no stray temp dirs
+    assert sorted(os.listdir(os.path.join(d, "checkpoints"))) == ["2", "4"]     # no stray temp dirs
