@@ -53,6 +53,11 @@ def device_grid(shape: dict[str, int], dcn_shape: dict[str, int] | None = None,
         return mesh_utils.create_device_mesh(ici_sizes, devices, allow_split_physical_axes=allow_split_physical_axes)
     dcn_sizes = [dcn.get(n, 1) for n in ici]
     by_process = devices[0].platform != "tpu" or not hasattr(devices[0], "slice_index")
+    granules = len({d.process_index if by_process else d.slice_index for d in devices})
+    if granules != math.prod(dcn_sizes):
+        what = "processes" if by_process else "TPU slices"
+        raise ValueError(f"dcn mesh {dcn} spans {math.prod(dcn_sizes)} granules but the devices come from {granules} "
+                         f"{what}; use a dcn shape whose sizes multiply to {granules}, or none")
     return mesh_utils.create_hybrid_device_mesh(ici_sizes, dcn_sizes, devices, process_is_granule=by_process,
                                                 allow_split_physical_axes=allow_split_physical_axes)
 
