@@ -88,13 +88,13 @@ def abstract_mesh(shape: dict) -> AbstractMesh:
 
 def _model_dims(cfg) -> list[int]:
     """Sizes of every dimension the default rules put on the ``model`` axis (heads, mlp, vocab)."""
-    from moejax.models.params import abstract_model, build_model
+    from moejax.models.params import _val, abstract_model, build_model
 
     model = abstract_model(lambda: build_model(cfg, nnx.Rngs(0)))
     dims = []
     for _, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         axes = variable_logical_axes(var) or ()
-        shape = var.get_value().shape if hasattr(var, "get_value") else var.value.shape
+        shape = _val(var).shape
         dims += [n for a, n in zip(axes, shape) if a in ("heads", "mlp", "vocab")]
     return dims
 
@@ -136,7 +136,7 @@ def layout(cfg, mesh_shape: dict, batch: int, lengths: dict, *, name: str = "", 
     (``{'inputs', 'targets'}``; decoder-only models use ``targets``). Activations in ``act_bytes``
     (2: bf16 compute). Raises ValueError (naming the parameter) when a parameter dimension does not
     divide its mesh axes."""
-    from moejax.models.params import abstract_model, build_model
+    from moejax.models.params import _val, abstract_model, build_model
     from moejax.moe import MoeLayer, Router
     from moejax.moe.capacity import num_groups
     from moejax.moe.experts import ffn_matrices
@@ -157,9 +157,9 @@ def layout(cfg, mesh_shape: dict, batch: int, lengths: dict, *, name: str = "", 
                for q, _ in nnx.to_flat_state(nnx.state(node, nnx.Param))}
     arrays, arr_shardings = {}, {}
     for path, var in flat_p.items():
-        value = var.get_value() if hasattr(var, "get_value") else var.value
+        value = _val(var)
         sh = flat_s[path]
-        sh = sh.get_value() if hasattr(sh, "get_value") else getattr(sh, "value", sh)
+        sh = _val(sh) if isinstance(sh, nnx.Variable) else sh
         out.params += _shard_bytes(value.shape, value.dtype, sh)
         arrays[path] = jax.ShapeDtypeStruct(value.shape, value.dtype)
         arr_shardings[path] = sh
@@ -194,7 +194,7 @@ def layout(cfg, mesh_shape: dict, batch: int, lengths: dict, *, name: str = "", 
         mcfg = node.cfg
         wi = next(v for _, v in nnx.to_flat_state(nnx.state(node.experts, nnx.Param)))
         ax = variable_logical_axes(wi) or ()
-        shape = (wi.get_value() if hasattr(wi, "get_value") else wi.value).shape
+        shape = _val(wi).shape
         out.moe_layers += math.prod(n for a, n in zip(ax, shape) if a == "layers")
         length = lengths.get("inputs") if path and path[0] == "encoder" else lengths.get("targets")
         tokens = batch * int(length)
@@ -209,8 +209,7 @@ def layout(cfg, mesh_shape: dict, batch: int, lengths: dict, *, name: str = "", 
                 out.flags.append(flag)
         t = tokens // g
         e = mcfg.num_experts
-        c = t * (mcfg.top_k if mcfg.expert_map is not None else 1) if mcfg.dropless else (
-            mcfg.expert_capacity or max(math.ceil(mcfg.capacity_factor_train * mcfg.top_k * t / e), mcfg.min_capacity))
+        c = node.capacity(t, deterministic=False)          # the layer's own rule (train capacity factor)
         d, f = mcfg.d_model, mcfg.d_ff * (ffn_matrices(mcfg.activation) - 1)
         out.backend = mcfg.backend
         if mcfg.backend == "ragged":      # one sorted [tokens * k, d] list, not constrained to any mesh axis

@@ -42,23 +42,19 @@ def check_model_dir(model_dir: str, model_cfg) -> None:
 
     os.makedirs(model_dir, exist_ok=True)
     path = os.path.join(model_dir, "model_config.json")
-    barrier("moejax_check_model_dir_before")
-    exists = os.path.exists(path)
-    barrier("moejax_check_model_dir_seen")
-    if exists:
+    if os.path.exists(path):          # (or just written by process 0 of this run: then it is equal)
         with open(path) as f:
             saved = config_from_json(json.load(f))
         if saved != model_cfg:
             raise ValueError(f"MODEL_DIR {model_dir!r} holds checkpoints of another model ({type(saved).__name__} "
                              f"d_model={getattr(saved, 'd_model', '?')}, vocab={getattr(saved, 'vocab_size', '?')}); "
                              "use a new MODEL_DIR, or INITIAL_CHECKPOINT_PATH to start from it")
-        return
-    if is_primary():
+    elif is_primary():
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
             json.dump(config_to_json(model_cfg), f, indent=2)
         os.replace(tmp, path)
-    barrier("moejax_check_model_dir_written")
+    barrier("moejax_check_model_dir")             # every process, whichever branch it took
 
 
 class Checkpointer:
