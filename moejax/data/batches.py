@@ -86,8 +86,8 @@ def dataset(name: str, lengths: dict, batch_size: int, *, encoder_decoder: bool,
 
     provider = get_provider(name)
     check_lengths(lengths, provider)
-    shards = local_shards(data_shards)
     total = jax.process_count() if data_shards is None else int(data_shards)
+    shards = local_shards(total)
     if batch_size % total:
         raise ValueError(f"batch_size={batch_size} is not divisible by the {total} data shards "
                          f"({jax.process_count()} processes)")
