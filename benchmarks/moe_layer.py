@@ -3,10 +3,21 @@
 Prints a markdown table. Every row carries its own baseline (the dense FFN with d_ff = k * f, so
 it does the same useful FLOPs per token as the MoE's k experts), the ratio MoE / dense, the share
 of (token, expert) assignments dropped, achieved useful GFLOP/s and that as a fraction of the
-machine's f32 matmul peak measured in the same run.
+machine's f32 matmul peak measured in the same run. The dense baseline and every row of one
+(E, k, cf) cell are timed round-robin (``timing.interleaved``), so each ratio compares times
+measured in the same moments.
 
-    python benchmarks/moe_layer.py                 # the full grid (about 10 minutes on 2 CPU cores)
+Two floor rows per cell bound what any capacity-bucket backend can reach on this machine:
+
+* *experts only*: fwd+bwd of the batched expert matmuls alone on full ``[E, C, d]`` buffers (no
+  routing, dispatch or combine);
+* *weight traffic*: the time to stream the expert weights three times (read in the forward, read
+  in the backward, write the weight gradients) at the copy bandwidth measured in this run. With
+  few tokens per expert this, not the FLOPs, is what grows with E.
+
+    python benchmarks/moe_layer.py                 # the full grid (about 15 minutes on 2 CPU cores)
     python benchmarks/moe_layer.py --quick         # E in {8, 128}, k=2, cf=1.25
+    python benchmarks/moe_layer.py --scaling       # E=128 k=2 cf=1.25 at 4096..16384 tokens per group
 """
 
 from __future__ import annotations
@@ -18,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from timing import timeit
+from timing import interleaved, timeit
 
 from moejax.moe import MoeConfig, MoeLayer
 from moejax.moe.experts import DenseFFN
@@ -28,6 +39,13 @@ def matmul_peak(n: int = 2048, reps: int = 5) -> float:
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
     f = jax.jit(lambda a: a @ a)
     return 2 * n**3 / timeit(f, a, reps=reps) / 1e9
+
+
+def copy_bandwidth(mib: int = 512) -> float:
+    """Bytes/s of an out-of-cache read+write pass (``y = 2 * x`` on ``mib`` MiB of float32)."""
+    a = jnp.ones((mib * 2**18,), jnp.float32)
+    f = jax.jit(lambda a: a * 2.0)
+    return 2 * a.nbytes / timeit(f, a, reps=5)
 
 
 def fwd_bwd(module, call):
@@ -44,19 +62,16 @@ def fwd_bwd(module, call):
     return lambda x, cot: step(params, rest, x, cot)
 
 
-def experts_floor(e, k, cf, tokens, d, f, args) -> float:
-    """fwd+bwd of the expert matmuls alone on full ``[e, C, d]`` buffers: no routing, no dispatch.
-
-    The capacity-padded compute every buffer backend must do; the MoE/dense ratio cannot go
-    below this row's ratio on this machine.
-    """
+def experts_floor(e, k, cf, tokens, d, f, args):
+    """(fn, args) of fwd+bwd of the expert matmuls alone on full ``[e, C, d]`` buffers: no
+    routing, no dispatch. The capacity-padded compute every buffer backend must do."""
     from moejax.moe import Experts, expert_capacity
 
     c = expert_capacity(min(tokens, args.group), e, cf, k, 4) * max(1, tokens // args.group)
     experts = Experts(e, d, f, activation=args.activation, rngs=nnx.Rngs(0))
     buf = jax.random.normal(jax.random.key(3), (e, c, d), jnp.float32)
     cot = jax.random.normal(jax.random.key(4), buf.shape, jnp.float32)
-    return timeit(fwd_bwd(experts, lambda m, x: m(x)), buf, cot, reps=args.reps)
+    return fwd_bwd(experts, lambda m, x: m(x)), (buf, cot)
 
 
 def run(args):
@@ -64,23 +79,22 @@ def run(args):
     x = jax.random.normal(jax.random.key(1), (tokens // args.seq, args.seq, d), jnp.float32)
     cot = jax.random.normal(jax.random.key(2), x.shape, jnp.float32)
     peak = matmul_peak()
-    print(f"# MoE layer fwd+bwd, {tokens} tokens, d_model={d}, d_ff={f}, {args.activation}, f32, "
-          f"jax {jax.__version__} on {jax.devices()[0].device_kind}; matmul peak {peak:.0f} GFLOP/s\n")
+    bw = copy_bandwidth()
+    print(f"# MoE layer fwd+bwd, {tokens} tokens, groups of {min(tokens, args.group)}, d_model={d}, d_ff={f}, "
+          f"{args.activation}, f32, jax {jax.__version__} on {jax.devices()[0].device_kind}; matmul peak "
+          f"{peak:.0f} GFLOP/s, copy bandwidth {bw / 1e9:.1f} GB/s\n")
     print("| E | k | cf | backend | MoE ms | dense ms | MoE/dense | dropped | useful GFLOP/s | of peak |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     on_cpu = jax.devices()[0].platform == "cpu"
     skipped = []
-    dense_cache = {}
+    n_mat = 3 if args.activation in ("gated-gelu", "swiglu") else 2
     for k in args.top_k:
-        if k not in dense_cache:
-            dense = DenseFFN(d, k * f, activation=args.activation, rngs=nnx.Rngs(0))
-            dense_cache[k] = timeit(fwd_bwd(dense, lambda m, x: m(x)), x, cot, reps=args.reps)
-        t_dense = dense_cache[k]
+        dense = DenseFFN(d, k * f, activation=args.activation, rngs=nnx.Rngs(0))
+        dense_call = (fwd_bwd(dense, lambda m, x: m(x)), (x, cot))
         for e in args.experts:
             for cf in args.cf:
-                floor = experts_floor(e, k, cf, tokens, d, f, args)
-                print(f"| {e} | {k} | {cf} | *experts only (floor)* | {floor * 1e3:.1f} | {t_dense * 1e3:.1f} | "
-                      f"{floor / t_dense:.2f} | - | - | - |", flush=True)
+                calls = {"dense": dense_call, "floor": experts_floor(e, k, cf, tokens, d, f, args)}
+                stats = {}
                 for backend in args.backends:
                     if backend == "ragged" and on_cpu and e > args.ragged_max_experts_cpu:
                         skipped.append(f"ragged E={e} k={k} cf={cf}")
@@ -90,11 +104,19 @@ def run(args):
                                     max_group_size=args.group, backend=backend)
                     layer = MoeLayer(cfg, rngs=nnx.Rngs(0))
                     # a router with some skew, like a trained one: drops are realistic, not zero
-                    _, stats = layer(x, deterministic=True)
-                    t = timeit(fwd_bwd(layer, lambda m, x: m(x, deterministic=True)[0]), x, cot, reps=args.reps)
-                    useful = 3 * 2 * 2 * tokens * d * f * k / t / 1e9  # fwd (2 matmuls) + bwd (2x)
-                    print(f"| {e} | {k} | {cf} | {backend} | {t * 1e3:.1f} | {t_dense * 1e3:.1f} | "
-                          f"{t / t_dense:.2f} | {float(stats.dropped_fraction):.1%} | {useful:.0f} | "
+                    _, stats[backend] = layer(x, deterministic=True)
+                    calls[backend] = (fwd_bwd(layer, lambda m, x: m(x, deterministic=True)[0]), (x, cot))
+                t = interleaved(calls, rounds=args.rounds, reps=args.reps)
+                td = t["dense"]
+                traffic = 3 * e * n_mat * d * f * 4 / bw
+                print(f"| {e} | {k} | {cf} | *weight traffic (floor)* | {traffic * 1e3:.1f} | {td * 1e3:.1f} | "
+                      f"{traffic / td:.2f} | - | - | - |")
+                print(f"| {e} | {k} | {cf} | *experts only (floor)* | {t['floor'] * 1e3:.1f} | {td * 1e3:.1f} | "
+                      f"{t['floor'] / td:.2f} | - | - | - |")
+                for backend in stats:
+                    useful = 3 * 2 * n_mat * tokens * d * f * k / t[backend] / 1e9  # fwd + bwd (2x)
+                    print(f"| {e} | {k} | {cf} | {backend} | {t[backend] * 1e3:.1f} | {td * 1e3:.1f} | "
+                          f"{t[backend] / td:.2f} | {float(stats[backend].dropped_fraction):.1%} | {useful:.0f} | "
                           f"{useful / peak:.0%} |", flush=True)
     if skipped:
         print(f"\nskipped on CPU (jax.lax.ragged_dot has no grouped kernel here; its cost grows with E): "
@@ -115,13 +137,23 @@ def main():
     p.add_argument("--top_k", type=int, nargs="+", default=[1, 2])
     p.add_argument("--cf", type=float, nargs="+", default=[1.0, 1.25])
     p.add_argument("--backends", nargs="+", default=["gather", "einsum", "ragged"])
-    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--reps", type=int, default=3, help="calls per round (median)")
+    p.add_argument("--rounds", type=int, default=3, help="round-robin rounds per cell (best kept)")
     p.add_argument("--ragged_max_experts_cpu", type=int, default=8,
                    help="on CPU, run the ragged backend only up to this many experts")
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--scaling", action="store_true",
+                   help="E=128, k=2, cf=1.25, gather, one group of 4096, 8192 and 16384 tokens")
     args = p.parse_args()
     if args.quick:
         args.experts, args.top_k, args.cf = [8, 128], [2], [1.25]
+    if args.scaling:
+        args.experts, args.top_k, args.cf, args.backends = [128], [2], [1.25], ["gather"]
+        for n in (4096, 8192, 16384):
+            args.tokens = args.group = n
+            run(args)
+            print()
+        return
     run(args)
 
 

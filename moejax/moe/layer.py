@@ -278,10 +278,12 @@ class MoeLayer(nnx.Module):
             num_dropped = tokens_dropped
             drop_cnt = jnp.zeros((seq_len,), jnp.float32).at[pos.reshape(-1)].add(tok_dropped.reshape(-1))
             rout_cnt = jnp.zeros((seq_len,), jnp.float32).at[pos.reshape(-1)].add(mask.reshape(-1))
-        load = jnp.sum(jax.nn.one_hot(plan.expert, e, dtype=jnp.float32) * plan.kept[..., None], axis=(0, 1))
+        # per-expert counts as scatter-adds / dots (XLA:CPU reduces non-minor axes slowly)
+        load = jnp.zeros((e,), jnp.float32).at[plan.expert.reshape(-1)].add(plan.kept.reshape(-1).astype(jnp.float32))
         load = load / jnp.maximum(jnp.sum(load), 1.0)
         m = mask.astype(jnp.float32)
-        sel = jnp.sum(jax.nn.one_hot(plan.selected, probs.shape[-1], dtype=jnp.float32), axis=2)  # router space
+        sel_count = jnp.zeros((probs.shape[-1],), jnp.float32).at[plan.selected.reshape(-1)].add(
+            jnp.broadcast_to(m[..., None], plan.selected.shape).reshape(-1))  # router space
         ent = -jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-30)), axis=-1)
         return MoeStats(
             load_balancing_loss=lb,
@@ -297,7 +299,7 @@ class MoeLayer(nnx.Module):
             expert_load=load,
             router_confidence=jnp.sum(jnp.max(probs, axis=-1) * m) / num_real,
             router_entropy=jnp.sum(ent * m) / num_real,
-            selection_fraction=jnp.sum(sel * m[..., None], axis=(0, 1)) / num_real,
-            router_prob_mean=jnp.sum(probs * m[..., None], axis=(0, 1)) / num_real,
+            selection_fraction=sel_count / num_real,
+            router_prob_mean=jnp.einsum("gte,gt->e", probs, m) / num_real,
             capacity=plan.capacity,
         )
