@@ -73,28 +73,30 @@ def experts_floor(e, k, cf, tokens, d, f, args):
     from moejax.moe import Experts, expert_capacity
 
     c = expert_capacity(min(tokens, args.group), e, cf, k, 4) * max(1, tokens // args.group)
-    experts = Experts(e, d, f, activation=args.activation, rngs=nnx.Rngs(0))
-    buf = jax.random.normal(jax.random.key(3), (e, c, d), jnp.float32)
-    cot = jax.random.normal(jax.random.key(4), buf.shape, jnp.float32)
+    dt = jnp.dtype(args.dtype)
+    experts = Experts(e, d, f, activation=args.activation, dtype=dt, param_dtype=dt, rngs=nnx.Rngs(0))
+    buf = jax.random.normal(jax.random.key(3), (e, c, d), dt)
+    cot = jax.random.normal(jax.random.key(4), buf.shape, dt)
     return fwd_bwd(experts, lambda m, x: m(x)), (buf, cot)
 
 
 def run(args):
     tokens, d, f = args.tokens, args.d_model, args.d_ff
-    x = jax.random.normal(jax.random.key(1), (tokens // args.seq, args.seq, d), jnp.float32)
-    cot = jax.random.normal(jax.random.key(2), x.shape, jnp.float32)
+    dt = jnp.dtype(args.dtype)
+    x = jax.random.normal(jax.random.key(1), (tokens // args.seq, args.seq, d), dt)
+    cot = jax.random.normal(jax.random.key(2), x.shape, dt)
     peak = matmul_peak()
     bw = copy_bandwidth()
     print(f"# MoE layer fwd+bwd, {tokens} tokens, groups of {min(tokens, args.group)}, d_model={d}, d_ff={f}, "
-          f"{args.activation}, f32, jax {jax.__version__} on {jax.devices()[0].device_kind}; matmul peak "
-          f"{peak:.0f} GFLOP/s, copy bandwidth {bw / 1e9:.1f} GB/s\n")
+          f"{args.activation}, {args.dtype} params and compute (router f32), jax {jax.__version__} on "
+          f"{jax.devices()[0].device_kind}; f32 matmul peak {peak:.0f} GFLOP/s, copy bandwidth {bw / 1e9:.1f} GB/s\n")
     print("| E | k | cf | backend | MoE ms | dense ms | MoE/dense | dropped | useful GFLOP/s | of peak |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     on_cpu = jax.devices()[0].platform == "cpu"
     skipped = []
     n_mat = 3 if args.activation in ("gated-gelu", "swiglu") else 2
     for k in args.top_k:
-        dense = DenseFFN(d, k * f, activation=args.activation, rngs=nnx.Rngs(0))
+        dense = DenseFFN(d, k * f, activation=args.activation, dtype=dt, param_dtype=dt, rngs=nnx.Rngs(0))
         dense_call = (fwd_bwd(dense, lambda m, x: m(x)), (x, cot))
         for e in args.experts:
             for cf in args.cf:
@@ -105,6 +107,7 @@ def run(args):
                         skipped.append(f"ragged E={e} k={k} cf={cf}")
                         continue
                     cfg = MoeConfig(num_experts=e, d_model=d, d_ff=f, top_k=k, activation=args.activation,
+                                    dtype=dt, param_dtype=dt,
                                     capacity_factor_train=cf, capacity_factor_eval=cf, min_capacity=4,
                                     max_group_size=args.group, backend=backend)
                     layer = MoeLayer(cfg, rngs=nnx.Rngs(0))
@@ -113,7 +116,7 @@ def run(args):
                     calls[backend] = (fwd_bwd(layer, lambda m, x: m(x, deterministic=True)[0]), (x, cot))
                 t = interleaved(calls, rounds=args.rounds, reps=args.reps)
                 td = t["dense"]
-                traffic = 3 * e * n_mat * d * f * 4 / bw
+                traffic = 3 * e * n_mat * d * f * dt.itemsize / bw
                 print(f"| {e} | {k} | {cf} | *weight traffic (floor)* | {traffic * 1e3:.1f} | {td * 1e3:.1f} | "
                       f"{traffic / td:.2f} | - | - | - |")
                 print(f"| {e} | {k} | {cf} | *experts only (floor)* | {t['floor'] * 1e3:.1f} | {td * 1e3:.1f} | "
@@ -138,6 +141,7 @@ def main():
     p.add_argument("--d_model", type=int, default=512)
     p.add_argument("--d_ff", type=int, default=1024)
     p.add_argument("--activation", default="relu")
+    p.add_argument("--dtype", default="float32", help="params and compute of experts and dense FFN (router: f32)")
     p.add_argument("--experts", type=int, nargs="+", default=[8, 32, 128])
     p.add_argument("--top_k", type=int, nargs="+", default=[1, 2])
     p.add_argument("--cf", type=float, nargs="+", default=[1.0, 1.25])
