@@ -16,13 +16,14 @@ def _masked_mean(x: jax.Array, mask: jax.Array, axis) -> jax.Array:
 
 
 def token_mean(x: jax.Array, token_mask: jax.Array) -> jax.Array:
-    """``x [g, t, e]`` -> ``[g, e]``, the mean over each group's non-padding tokens.
+    """``x [g, t, ..., e]`` -> ``[g, e]``: summed over any middle axes (e.g. the k choices) and
+    averaged over each group's non-padding tokens.
 
     A contraction with the mask (a dot), not ``sum(x * m, axis=1)``: XLA:CPU runs reductions
     over a non-minor axis an order of magnitude slower.
     """
     m = token_mask.astype(jnp.float32)
-    return jnp.einsum("gte,gt->ge", x, m) / jnp.maximum(jnp.sum(m, axis=-1), 1.0)[:, None]
+    return jnp.einsum("gt...e,gt->ge", x, m) / jnp.maximum(jnp.sum(m, axis=-1), 1.0)[:, None]
 
 
 def load_balancing_loss(probs: jax.Array, selected: jax.Array, token_mask: jax.Array) -> jax.Array:
@@ -40,9 +41,7 @@ def load_balancing_loss(probs: jax.Array, selected: jax.Array, token_mask: jax.A
     k-independent scale.
     """
     e = probs.shape[-1]
-    m = token_mask.astype(jnp.float32)
-    counts = jnp.einsum("gtke,gt->ge", jax.nn.one_hot(selected, e, dtype=jnp.float32), m)
-    f = counts / jnp.maximum(jnp.sum(m, axis=-1), 1.0)[:, None]  # [g, e]
+    f = token_mean(jax.nn.one_hot(selected, e, dtype=jnp.float32), token_mask)  # [g, e], sums to k
     p = token_mean(probs, token_mask)
     return jnp.mean(e * jnp.sum(f * p, axis=-1))
 
