@@ -32,7 +32,7 @@ from flax import nnx
 from timing import interleaved, timeit
 
 from moejax.moe import MoeConfig, MoeLayer
-from moejax.moe.experts import DenseFFN
+from moejax.moe.experts import DenseFFN, ffn_matrices
 
 
 def matmul_peak(n: int = 2048, reps: int = 5) -> float:
@@ -94,7 +94,7 @@ def run(args):
     print("|---|---|---|---|---|---|---|---|---|---|")
     on_cpu = jax.devices()[0].platform == "cpu"
     skipped = []
-    n_mat = 3 if args.activation in ("gated-gelu", "swiglu") else 2
+    n_mat = ffn_matrices(args.activation)          # d x f matrices per expert (2 plain, 3 gated)
     for k in args.top_k:
         dense = DenseFFN(d, k * f, activation=args.activation, dtype=dt, param_dtype=dt, rngs=nnx.Rngs(0))
         dense_call = (fwd_bwd(dense, lambda m, x: m(x)), (x, cot))

@@ -13,16 +13,21 @@ import time
 import jax
 
 
-def timeit(fn, *args, reps: int = 20) -> float:
-    """Median seconds of ``fn(*args)`` over ``reps`` calls, after two warm-up calls (compile)."""
-    jax.block_until_ready(fn(*args))
-    jax.block_until_ready(fn(*args))
+def _median(fn, args, reps: int) -> float:
+    """Median seconds of ``fn(*args)`` over ``reps`` calls (no warm-up)."""
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def timeit(fn, *args, reps: int = 20) -> float:
+    """Median seconds of ``fn(*args)`` over ``reps`` calls, after two warm-up calls (compile)."""
+    jax.block_until_ready(fn(*args))
+    jax.block_until_ready(fn(*args))
+    return _median(fn, args, reps)
 
 
 def interleaved(calls: dict, rounds: int = 3, reps: int = 3) -> dict:
@@ -33,10 +38,5 @@ def interleaved(calls: dict, rounds: int = 3, reps: int = 3) -> dict:
     best = {name: float("inf") for name in calls}
     for _ in range(rounds):
         for name, (fn, args) in calls.items():
-            times = []
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                jax.block_until_ready(fn(*args))
-                times.append(time.perf_counter() - t0)
-            best[name] = min(best[name], statistics.median(times))
+            best[name] = min(best[name], _median(fn, args, reps))
     return best
