@@ -18,7 +18,6 @@ import tempfile
 import jax
 import jax.numpy as jnp
 from flax import nnx
-
 from timing import timeit
 
 from moejax.data import batches
@@ -75,7 +74,8 @@ def main():
     base_ce, _ = evaluate(model, val[2:])
     print(f"tiny Switch, 8 experts top-1, trained {args.steps} steps; validation on 4 x 32 examples; "
           f"jax {jax.__version__} on {jax.devices()[0].platform}\n")
-    print("| variant | val CE | CE delta | token acc | total params | active params | expert bytes | fwd time / original |")
+    print("| variant | val CE | CE delta | token acc | total params | active params | expert bytes "
+          "| fwd time / original |")
     print("|---|---|---|---|---|---|---|---|")
     for name, m in variants:
         ce, acc = evaluate(m, val[2:])

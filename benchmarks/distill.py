@@ -39,13 +39,14 @@ def main():
     student_cfg = get_config("tiny_t5", vocab_size=512)
     with tempfile.TemporaryDirectory() as root:
         p = lambda n: os.path.join(root, n)
-        rows = [("teacher: tiny Switch, %d experts" % args.experts, run(p("teacher"), teacher_cfg, args.steps))]
+        rows = [(f"teacher: tiny Switch, {args.experts} experts", run(p("teacher"), teacher_cfg, args.steps))]
         base = run(p("baseline"), student_cfg, args.steps)
         rows.append(("dense baseline (student arch, labels only)", base))
         rows.append(("distilled student, teacher init, alpha 0.75",
                      run(p("kd"), student_cfg, args.steps, teacher_checkpoint=p("teacher"))))
         rows.append(("distilled student, fresh init, alpha 0.75",
-                     run(p("kd_fresh"), student_cfg, args.steps, teacher_checkpoint=p("teacher"), init_from_teacher=False)))
+                     run(p("kd_fresh"), student_cfg, args.steps, teacher_checkpoint=p("teacher"),
+                         init_from_teacher=False)))
     teacher = rows[0][1]
     print(f"\n{args.steps} steps each, batch 32, corpus_span_corruption, validation 8 x 32 examples\n")
     print("| model | val CE | gap kept |")

@@ -28,7 +28,6 @@ import resource
 import jax
 import jax.numpy as jnp
 from flax import nnx
-
 from timing import interleaved, timeit
 
 from moejax.moe import MoeConfig, MoeLayer

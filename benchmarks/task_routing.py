@@ -17,7 +17,6 @@ import tempfile
 import jax
 import jax.numpy as jnp
 from flax import nnx
-
 from timing import timeit
 
 from moejax.data import batches
@@ -49,7 +48,8 @@ def main():
     total_full = param_counts(full)[0]
     print(f"tiny_switch_task trained {args.steps} steps on synth_multitask; validation batch of 32 per task; "
           f"jax {jax.__version__} on {jax.devices()[0].platform}\n")
-    print("| task | experts (enc, dec) | acc full | acc extracted | params full | params extracted | fwd time extracted / full |")
+    print("| task | experts (enc, dec) | acc full | acc extracted | params full | params extracted "
+          "| fwd time extracted / full |")
     print("|---|---|---|---|---|---|---|")
     for i, name in enumerate(names):
         ds = batches.dataset(name, LENGTHS, 32, encoder_decoder=True, split="validation", shuffle=False, repeat=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import sys
 
 import matplotlib.pyplot as plt
-
 from common import run, save_plot, save_table, tiny
 
 STEPS = int(sys.argv[1]) if len(sys.argv) > 1 else 400

@@ -8,15 +8,14 @@ numbers, Lumi). Output: drop rate by position."""
 
 from __future__ import annotations
 
-import sys
-
 import random
+import sys
 
 import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
-
 from common import run, save_plot, save_table, tiny
+
 from moejax.data import corpus
 from moejax.data.vocab import get_vocabulary
 from moejax.training.checkpoints import load_model

@@ -13,7 +13,6 @@ import os
 import sys
 
 import matplotlib.pyplot as plt
-
 from common import RESULTS, run, save_plot, save_table, tiny
 
 ARGS = [a for a in sys.argv[1:] if not a.startswith("--")]

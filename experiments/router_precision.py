@@ -12,8 +12,8 @@ import sys
 
 import jax.numpy as jnp
 import matplotlib.pyplot as plt
-
 from common import run, save_plot, save_table, tiny
+
 from moejax.training.loss import LossConfig
 
 STEPS = int(sys.argv[1]) if len(sys.argv) > 1 else 300

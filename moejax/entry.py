@@ -12,7 +12,6 @@ import os
 from pathlib import Path
 
 import gin
-
 from moejax.models.registry import get_config
 from moejax.training.loss import LossConfig
 from moejax.training.optim import make_optimizer

@@ -187,7 +187,6 @@ def _init_distributed(args) -> None:
 
 def cmd_gin(args, extra) -> int:
     import gin
-
     from moejax import entry
     from moejax.distributed import is_primary
 

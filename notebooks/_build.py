@@ -60,7 +60,7 @@ for r in rows:
     print(f"{r[0]:28s} {r[1]:6d} {r[2]:7d} {r[3]:6.3f} {r[4]:7.3f} {r[5]:6d}")''',
     "md:## Routing heatmap and expert load (top-2, capacity factor 1.0)",
     '''lay = layer(top_k=2, capacity_factor_eval=1.0)
-logits = lay.router(x.reshape(4, 64, 32))
+logits = lay.router.logits(x.reshape(4, 64, 32))
 probs = jax.nn.softmax(logits, -1)
 y, st = lay(x, deterministic=True)
 fig, ax = plt.subplots(1, 2, figsize=(11, 3))

@@ -45,7 +45,8 @@ def register_synthetic_tasks() -> None:
     ul2 = [("corpus_prefix_lm", 0.5)]
     for mu, r in UL2_DENOISERS:
         name = f"corpus_ul2_sc_{mu}_{int(r * 100)}"
-        sc = functools.partial(preprocessors.span_corruption, density=r, mean_span=float(mu), salt=mu * 100 + int(r * 100))
+        sc = functools.partial(preprocessors.span_corruption, density=r, mean_span=float(mu),
+                               salt=mu * 100 + int(r * 100))
         add_task(name, source=docs, output_features=features(),
                  preprocessors=lm_pre + [sc, seqio.preprocessors.append_eos_after_trim])
         ul2.append((name, 0.1))
@@ -56,7 +57,8 @@ def register_synthetic_tasks() -> None:
         task_metrics = TEXT_METRICS + ([metrics.bleu] if t == "translate" else [])
         pre = [seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim]
         for instruct, name in ((False, f"synth_{t}"), (True, f"synth_instruct_{t}")):
-            src = seqio.FunctionDataSource(functools.partial(_task_fn, task=t, instruct=instruct), splits=list(TASK_SIZES))
+            src = seqio.FunctionDataSource(functools.partial(_task_fn, task=t, instruct=instruct),
+                                           splits=list(TASK_SIZES))
             add_task(name, source=src, output_features=features(), preprocessors=pre, metric_fns=task_metrics)
         singles.append(f"synth_{t}")
         instructs.append(f"synth_instruct_{t}")

@@ -34,7 +34,8 @@ def test_data_shards_concatenate_the_seqio_shards_in_order():
 
 
 def test_data_shards_with_task_ids_and_bad_values():
-    got = _first(batches.dataset("synth_multitask", LENGTHS, 8, encoder_decoder=True, data_shards=4, with_task_ids=True))
+    got = _first(batches.dataset("synth_multitask", LENGTHS, 8, encoder_decoder=True, data_shards=4,
+                                 with_task_ids=True))
     assert got["task_ids"].shape == (8,) and got["decoder_target_tokens"].shape == (8, 16)
     assert list(batches.local_shards(4)) == [0, 1, 2, 3]          # one process reads every shard
     with pytest.raises(ValueError, match="data_shards=0 must be a positive multiple of the 1 processes"):

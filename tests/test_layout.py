@@ -77,5 +77,6 @@ def test_suggest_mesh_and_pod_table():
     assert routers <= rep.replicated < routers + 2**20     # + norms and relative-position tables
     assert 4.0 * 2**30 < rep.params < 5.5 * 2**30
     with pytest.raises(ValueError, match="not divisible by the 4 shards"):
-        layout(get_config("switch_c_2048"), {"data": 1, "expert": 512, "model": 4}, 2048, {"inputs": 512, "targets": 128})
+        layout(get_config("switch_c_2048"), {"data": 1, "expert": 512, "model": 4}, 2048,
+               {"inputs": 512, "targets": 128})
     assert np.isclose(rep.adamw, 2 * rep.params)

@@ -82,7 +82,8 @@ def test_cpu_mesh_and_errors(devices):
         create_mesh({"data": 3, "expert": 4})
     with pytest.raises(ValueError, match=r"dcn mesh axes \['pipeline'\] are not axes of the mesh"):
         create_mesh({"data": 4}, {"pipeline": 2})
-    with pytest.raises(ValueError, match=r"dcn mesh \{'data': 2\} spans 2 granules but the devices come from 1 processes"):
+    with pytest.raises(ValueError,
+                       match=r"dcn mesh \{'data': 2\} spans 2 granules but the devices come from 1 processes"):
         create_mesh({"data": 4}, {"data": 2})
     with pytest.raises(ValueError, match="mesh axis 'expert' has size 0"):
         create_mesh({"data": 8, "expert": 0})
@@ -92,7 +93,6 @@ def test_cpu_mesh_and_errors(devices):
                                                   ("data2_expert4", 8)])
 def test_mesh_gin_files(name, devices_needed):
     import gin
-
     from moejax.entry import shipped_gin_dir
 
     gin.clear_config()

@@ -19,5 +19,6 @@ def test_notebook_runs(path, tmp_path):
     env_dir = str(tmp_path)
     client = NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": env_dir}})
     client.execute()
-    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+              if o.get("output_type") == "error"]
     assert not errors, errors

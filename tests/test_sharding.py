@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from moejax.moe import MoeConfig, MoeLayer
 from moejax.sharding import DEFAULT_RULES, create_sharded, logical_to_spec, make_mesh, state_specs

@@ -116,7 +116,7 @@ def to_hf(model: Decoder, path: str) -> None:
     if not cfg.tie_embeddings:
         w["lm_head.weight"] = flat["lm_head"].T
     for i in range(cfg.num_layers):
-        def g(name):
+        def g(name, i=i):
             return flat[f"stack/blocks/0/{name}"][i]
 
         p = f"model.layers.{i}."

@@ -57,7 +57,7 @@ class CorpusVocabulary(seqio.SentencePieceVocabulary):
         return super()._model_context()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def get_vocabulary(kind: str = "spm") -> seqio.Vocabulary:
     """``'spm'`` (trained and cached on first use) or ``'byte'``."""
     if kind == "byte":

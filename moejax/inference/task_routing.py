@@ -49,7 +49,9 @@ def extract_task_model(model: nnx.Module, task_id: int) -> nnx.Module:
     for path in paths:
         src, dst = _get(old, path), _get(new, path)
         sel = chosen[path]                                                      # [l, k]
-        take = lambda a: np.take_along_axis(np.asarray(a), sel.reshape(sel.shape + (1,) * (np.ndim(a) - 2)), axis=1)
+        def take(a, sel=sel):
+            return np.take_along_axis(np.asarray(a), sel.reshape(sel.shape + (1,) * (np.ndim(a) - 2)), axis=1)
+
         dst["experts"] = {n: jnp.asarray(take(v)) for n, v in src["experts"].items()}
         table = np.asarray(src["router"]["table"])[:, task_id]                 # [l, e]
         dst["router"] = {"table": jnp.asarray(np.take_along_axis(table, sel, axis=1)[:, None, :])}

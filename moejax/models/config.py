@@ -40,7 +40,7 @@ class DecoderConfig:
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
-    def replace(self, **kw) -> "DecoderConfig":
+    def replace(self, **kw) -> DecoderConfig:
         return dataclasses.replace(self, **kw)
 
     @property
@@ -50,7 +50,7 @@ class DecoderConfig:
     def is_sparse(self, layer: int) -> bool:
         return self.moe is not None and (layer + 1) % self.moe_every == 0
 
-    def validate(self) -> "DecoderConfig":
+    def validate(self) -> DecoderConfig:
         """Fail fast on a config that violates an invariant, naming the values."""
         for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "d_ff",
                      "moe_every"):

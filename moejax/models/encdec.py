@@ -60,7 +60,7 @@ class EncDecConfig:
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
-    def replace(self, **kw) -> "EncDecConfig":
+    def replace(self, **kw) -> EncDecConfig:
         return dataclasses.replace(self, **kw)
 
     def period(self, decoder: bool) -> int:
@@ -72,7 +72,7 @@ class EncDecConfig:
         p = self.period(decoder)
         return self.moe is not None and layer % p == self.moe_offset % p
 
-    def validate(self) -> "EncDecConfig":
+    def validate(self) -> EncDecConfig:
         for name in ("vocab_size", "d_model", "num_encoder_layers", "num_decoder_layers", "num_heads", "head_dim",
                      "d_ff", "encoder_moe_every", "decoder_moe_every", "relpos_buckets"):
             if getattr(self, name) < 1:

@@ -123,7 +123,7 @@ class Attention(nnx.Module):
         self.scale = head_dim**-0.5 if scale is None else float(scale)
 
     def __call__(self, x: jax.Array, *, positions: jax.Array, padding_mask: jax.Array | None = None,
-                 causal: bool = True, cache: "KVCache | None" = None):
+                 causal: bool = True, cache: KVCache | None = None):
         """``x [b, s, d]``, ``positions [b, s]`` int, ``padding_mask [b, s]`` bool -> ``[b, s, d]``.
 
         With ``cache`` (a :class:`KVCache` of length ``T``), the new keys / values are written at
@@ -178,12 +178,12 @@ class KVCache:
     index: jax.Array
 
     @classmethod
-    def zeros(cls, batch: int, length: int, kv_heads: int, head_dim: int, dtype=jnp.float32) -> "KVCache":
+    def zeros(cls, batch: int, length: int, kv_heads: int, head_dim: int, dtype=jnp.float32) -> KVCache:
         z = jnp.zeros((batch, length, kv_heads, head_dim), dtype)
         return cls(k=z, v=z, valid=jnp.zeros((batch, length), bool), pos=jnp.zeros((batch, length), jnp.int32),
                    index=jnp.zeros((), jnp.int32))
 
-    def write(self, k, v, valid, pos) -> "KVCache":
+    def write(self, k, v, valid, pos) -> KVCache:
         """Append ``s`` new entries (``k``/``v [b, s, k, x]``) at ``index``."""
         i = self.index
         upd = jax.lax.dynamic_update_slice

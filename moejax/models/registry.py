@@ -7,7 +7,7 @@ al. and the released t5x gins; Mixtral / Llama / Mistral: the HF configs).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from moejax.models.config import DecoderConfig
 from moejax.models.encdec import EncDecConfig

@@ -72,3 +72,18 @@ def assign_slots(
     slot = jax.vmap(lambda o, s: jnp.zeros((a,), jnp.int32).at[o].set(s))(order, slot_sorted)
     kept = valid & (slot < capacity)
     return slot, kept
+
+
+def layer_capacity(cfg, tokens_per_group: int, deterministic: bool) -> int:
+    """Slots per expert and group of an MoE layer configured by ``cfg`` (a :class:`MoeConfig`).
+
+    Dropless: ``C = t`` (merged experts can receive up to k choices of one token: ``k * t``); a
+    fixed ``expert_capacity`` wins next; else :func:`expert_capacity` with the eval or train
+    capacity factor, chosen by ``deterministic``.
+    """
+    if cfg.dropless:
+        return tokens_per_group * (cfg.top_k if cfg.expert_map is not None else 1)
+    if cfg.expert_capacity is not None:
+        return cfg.expert_capacity
+    cf = cfg.capacity_factor_eval if deterministic else cfg.capacity_factor_train
+    return expert_capacity(tokens_per_group, cfg.num_experts, cf, cfg.top_k, cfg.min_capacity)

@@ -7,19 +7,25 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from moejax.moe.factory import check_config, router_class
+from moejax.moe.options import (
+    QUANT_BITS,
+    Activation,
+    Backend,
+    GroupedMatmul,
+    Router,
+    SecondExpertPolicy,
+    WeightNorm,
+    check,
+)
 from moejax.sharding import DEFAULT_RULES, Rules
-
-ROUTERS = ("top_k", "expert_choice", "noisy_top_k", "task")
-POLICIES = ("all", "random", "sampling")
-WEIGHT_NORMS = ("none", "topk", "kept")
-BACKENDS = ("gather", "einsum", "ragged")
-GROUPED_MATMULS = ("auto", "ragged_dot", "megablox")      # moejax.moe.grouped.IMPLS
-ACTIVATIONS = ("relu", "gelu", "gelu_exact", "silu", "gated-gelu", "gated-gelu_exact", "swiglu", "split-swiglu")
 
 
 @dataclasses.dataclass(frozen=True)
 class MoeConfig:
     """Configuration of :class:`moejax.moe.MoeLayer`.
+
+    Every string option's valid values are the members of its enum in :mod:`moejax.moe.options`.
 
     Routing
       router: ``"top_k"`` (tokens choose k experts: k=1 Switch, k=2 GShard / Mixtral),
@@ -70,8 +76,9 @@ class MoeConfig:
     Numerics and layout
       dtype: compute dtype of the experts; param_dtype: parameter dtype. The router computes in
       ``router_dtype`` — float32 by default ("selective precision"); bfloat16 exists for the
-      ablation in ``experiments/router_precision.py``; its logits are cast to float32 either way. backend: ``"gather"`` (default), ``"einsum"`` or ``"ragged"``. grouped_matmul: the ragged backend's
-      kernel, ``"auto"`` (Megablox on TPU, else ``jax.lax.ragged_dot``), ``"ragged_dot"`` or
+      ablation in ``experiments/router_precision.py``; its logits are cast to float32 either way.
+      backend: ``"gather"`` (default), ``"einsum"`` or ``"ragged"``. grouped_matmul: the ragged
+      backend's kernel, ``"auto"`` (Megablox on TPU, else ``jax.lax.ragged_dot``), ``"ragged_dot"`` or
       ``"megablox"`` (:mod:`moejax.moe.grouped`). axis_rules: the
       logical -> mesh axis table for activation constraints.
     """
@@ -102,7 +109,7 @@ class MoeConfig:
     eom_rate: float = 0.0
     num_shared_experts: int = 0
     shared_d_ff: int | None = None
-    inner: "MoeConfig | None" = None
+    inner: MoeConfig | None = None
     expert_map: tuple | None = None
     quant_bits: int | None = None
     quant_group_size: int | None = None
@@ -113,27 +120,28 @@ class MoeConfig:
     router_dtype: Any = jnp.float32
     axis_rules: Rules = DEFAULT_RULES
 
-    def replace(self, **kw) -> "MoeConfig":
+    def replace(self, **kw) -> MoeConfig:
         return dataclasses.replace(self, **kw)
+
+    @property
+    def uses_task_ids(self) -> bool:
+        """Does the router route by each example's task id (the layer then needs ``task_ids [b]``)?"""
+        return router_class(self.router).uses_task_ids
 
     @property
     def router_width(self) -> int:
         """Number of router outputs (``num_experts`` unless experts were merged)."""
         return self.num_experts if self.expert_map is None else len(self.expert_map)
 
-    def validate(self) -> "MoeConfig":
+    def validate(self) -> MoeConfig:
         """Fail fast with a clear message naming the offending value."""
 
-        def choice(name, value, valid):
-            if value not in valid:
-                raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
-
-        choice("router", self.router, ROUTERS)
-        choice("second_expert_policy", self.second_expert_policy, POLICIES)
-        choice("weight_norm", self.weight_norm, WEIGHT_NORMS)
-        choice("backend", self.backend, BACKENDS)
-        choice("grouped_matmul", self.grouped_matmul, GROUPED_MATMULS)
-        choice("activation", self.activation, ACTIVATIONS)
+        check("router", self.router, Router)
+        check("second_expert_policy", self.second_expert_policy, SecondExpertPolicy)
+        check("weight_norm", self.weight_norm, WeightNorm)
+        check("backend", self.backend, Backend)
+        check("grouped_matmul", self.grouped_matmul, GroupedMatmul)
+        check("activation", self.activation, Activation)
         if self.num_experts < 1:
             raise ValueError(f"num_experts must be >= 1, got {self.num_experts}")
         if self.top_k < 1:
@@ -143,21 +151,10 @@ class MoeConfig:
                 f"top_k={self.top_k} > num_experts={self.router_width}; top_k must be in "
                 f"[1, {self.router_width}]"
             )
-        if self.router == "task" and (self.num_tasks < 1 or not self.dropless or self.weight_norm != "topk"):
-            raise ValueError(f"router='task' needs num_tasks >= 1 (got {self.num_tasks}), dropless=True and "
-                             f"weight_norm='topk' (every token of a task goes to the same experts)")
-        if self.quant_bits is not None and self.quant_bits not in (8, 4):
-            raise ValueError(f"unsupported quantization bit width {self.quant_bits}; valid: 8, 4")
-        if self.expert_map is not None:
-            bad = [v for v in self.expert_map if not 0 <= int(v) < self.num_experts]
-            if bad or self.router not in ("top_k", "task"):
-                raise ValueError(f"expert_map entries must lie in [0, {self.num_experts}) and need router='top_k'; "
-                                 f"got {bad or self.router!r}")
-        if self.second_expert_policy != "all" and not (self.router == "top_k" and self.top_k == 2):
-            raise ValueError(
-                f"second_expert_policy={self.second_expert_policy!r} needs router='top_k' with "
-                f"top_k=2 (got router={self.router!r}, top_k={self.top_k}); use 'all' otherwise"
-            )
+        if self.quant_bits is not None and self.quant_bits not in QUANT_BITS:
+            raise ValueError(f"unsupported quantization bit width {self.quant_bits}; "
+                             f"valid: {', '.join(map(str, QUANT_BITS))}")
+        check_config(self)          # what the chosen router and backend support
         for name in ("capacity_factor_train", "capacity_factor_eval"):
             v = getattr(self, name)
             if not v > 0:
@@ -180,8 +177,6 @@ class MoeConfig:
             raise ValueError(f"num_shared_experts must be >= 0, got {self.num_shared_experts}")
         if self.d_model < 1 or self.d_ff < 1:
             raise ValueError(f"d_model and d_ff must be >= 1, got {self.d_model}, {self.d_ff}")
-        if self.router == "expert_choice" and self.dropless:
-            raise ValueError("router='expert_choice' has a fixed capacity by design; dropless=True is invalid")
         if self.inner is not None:
             self.inner.validate()
             if self.inner.d_model != self.d_model:

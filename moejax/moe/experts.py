@@ -14,15 +14,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moejax.moe.grouped import grouped_matmul
+from moejax.moe.options import QUANT_BITS, Activation, check
 
 _ACT = {
-    "relu": jax.nn.relu,
-    "gelu": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_exact": lambda x: jax.nn.gelu(x, approximate=False),
-    "silu": jax.nn.silu,
+    Activation.RELU: jax.nn.relu,
+    Activation.GELU: lambda x: jax.nn.gelu(x, approximate=True),
+    Activation.GELU_EXACT: lambda x: jax.nn.gelu(x, approximate=False),
+    Activation.SILU: jax.nn.silu,
 }
-# gated activation name -> activation applied to the gate projection
-_GATED = {"gated-gelu": "gelu", "gated-gelu_exact": "gelu_exact", "swiglu": "silu", "split-swiglu": "split-silu"}
 
 
 def _split_silu(g):
@@ -30,23 +29,26 @@ def _split_silu(g):
     return g[..., :half] * jax.nn.silu(g[..., half:])
 
 
-_ACT_INTERNAL = {"split-silu": _split_silu}
+# gated activation -> function applied to the gate projection
+_GATED = {
+    Activation.GATED_GELU: _ACT[Activation.GELU],
+    Activation.GATED_GELU_EXACT: _ACT[Activation.GELU_EXACT],
+    Activation.SWIGLU: jax.nn.silu,
+    Activation.SPLIT_SWIGLU: _split_silu,
+}
 
 
 def activation_fn(name: str):
     """(activation function, gated?) for an activation name; ValueError lists valid names."""
-    if name in _GATED:
-        inner = _GATED[name]
-        return (_ACT_INTERNAL[inner] if inner in _ACT_INTERNAL else _ACT[inner]), True
-    if name in _ACT:
-        return _ACT[name], False
-    raise ValueError(f"unknown activation {name!r}; valid: {', '.join(list(_ACT) + list(_GATED))}")
+    check("activation", name, Activation)
+    act = Activation(name)
+    return (_GATED[act], True) if act in _GATED else (_ACT[act], False)
 
 
 def gate_width(name: str) -> int:
     """How many ``d_ff`` widths the gate projection ``wi_0`` has (2 for ``split-swiglu``, else 1)."""
     activation_fn(name)
-    return 2 if name == "split-swiglu" else 1
+    return 2 if name == Activation.SPLIT_SWIGLU else 1
 
 
 def ffn_matrices(name: str) -> int:
@@ -60,9 +62,6 @@ def _kernel(rngs, shape, dtype, axes):
     init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1,
                                              batch_axis=(0,))
     return nnx.Param(init(rngs.params(), shape, dtype), logical_axes=axes)
-
-
-QUANT_BITS = (8, 4)
 
 
 def quantize_weight(w: jax.Array, bits: int, group_size: int | None = None) -> tuple[jax.Array, jax.Array]:
@@ -175,12 +174,8 @@ class Experts(nnx.Module):
             h = self.dropout(h, deterministic=deterministic, rngs=rngs)
         return h
 
-    def __call__(self, x: jax.Array, *, deterministic: bool = True, rngs: nnx.Rngs | None = None,
-                 slot_mask: jax.Array | None = None) -> jax.Array:
-        """Buffer form: ``x [e, ..., d]`` (expert ``i`` applied to ``x[i]``) -> ``[e, ..., d]``.
-
-        ``slot_mask`` is accepted for interface parity with hierarchical experts and unused.
-        """
+    def __call__(self, x: jax.Array, *, deterministic: bool = True, rngs: nnx.Rngs | None = None) -> jax.Array:
+        """Buffer form: ``x [e, ..., d]`` (expert ``i`` applied to ``x[i]``) -> ``[e, ..., d]``."""
         e = x.shape[0]
         lead = x.shape[1:-1]
         x2 = x.reshape(e, -1, x.shape[-1]).astype(self.dtype)
@@ -245,3 +240,33 @@ class DenseFFN(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.inner(x[None])[0]
+
+
+def expert_output_mask(out: jax.Array, rate: float, deterministic: bool, rngs: nnx.Rngs | None) -> jax.Array:
+    """NLLB "expert output masking" as transformers implements it: element-wise inverted dropout
+    (``rate``, RNG stream ``dropout``) on the experts' output in training, ``out * (1 - rate)`` in
+    eval; the identity when ``rate == 0``."""
+    if rate == 0.0:
+        return out
+    if deterministic:
+        return out * (1.0 - rate)
+    keep = jax.random.bernoulli(rngs.dropout(), 1.0 - rate, out.shape)
+    return jnp.where(keep, out / (1.0 - rate), 0.0).astype(out.dtype)
+
+
+class FFNCall:
+    """The :class:`moejax.moe.dispatch.ExpertCall` of plain :class:`Experts` for one layer call
+    (binds ``deterministic``, ``rngs`` and the expert output masking rate)."""
+
+    def __init__(self, experts: Experts, *, eom_rate: float, deterministic: bool, rngs: nnx.Rngs | None):
+        self.experts, self.eom_rate, self.deterministic, self.rngs = experts, eom_rate, deterministic, rngs
+
+    def buffers(self, buf: jax.Array, slot_mask: jax.Array) -> jax.Array:
+        """``buf [e, g, c, d]`` -> ``[e, g, c, d]``; FFN experts compute empty slots too (their
+        rows are zero and are never combined), so ``slot_mask`` is not needed here."""
+        out = self.experts(buf, deterministic=self.deterministic, rngs=self.rngs)
+        return expert_output_mask(out, self.eom_rate, self.deterministic, self.rngs)
+
+    def sorted_rows(self, xs: jax.Array, group_sizes: jax.Array) -> jax.Array:
+        out = self.experts.ragged(xs, group_sizes, deterministic=self.deterministic, rngs=self.rngs)
+        return expert_output_mask(out, self.eom_rate, self.deterministic, self.rngs)

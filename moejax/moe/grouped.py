@@ -21,7 +21,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-IMPLS = ("auto", "ragged_dot", "megablox")
+from moejax.moe.options import GroupedMatmul, check
 
 
 def megablox_available() -> bool:
@@ -37,12 +37,12 @@ def megablox_available() -> bool:
 
 def resolve(impl: str, platform: str | None = None) -> str:
     """The implementation ``impl`` means on ``platform`` (default: JAX's default backend)."""
-    if impl not in IMPLS:
-        raise ValueError(f"unknown grouped_matmul {impl!r}; valid: {', '.join(IMPLS)}")
-    if impl != "auto":
-        return impl
+    check("grouped_matmul", impl, GroupedMatmul)
+    if impl != GroupedMatmul.AUTO:
+        return GroupedMatmul(impl).value
     platform = platform or jax.default_backend()
-    return "megablox" if platform == "tpu" and megablox_available() else "ragged_dot"
+    on_tpu = platform == "tpu" and megablox_available()
+    return (GroupedMatmul.MEGABLOX if on_tpu else GroupedMatmul.RAGGED_DOT).value
 
 
 def _round_up(x: int, m: int) -> int:
@@ -53,7 +53,7 @@ def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, impl: str
     """``x [m, k]`` (sorted by group), ``w [e, k, n]``, ``group_sizes [e]`` int -> ``[m, n]`` in
     ``x.dtype`` (float32 accumulation)."""
     impl = resolve(impl)
-    if impl == "ragged_dot":
+    if impl == GroupedMatmul.RAGGED_DOT:
         return jax.lax.ragged_dot(x, w, group_sizes)
     from jax.experimental.pallas.ops.tpu.megablox import ops
 

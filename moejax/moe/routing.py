@@ -1,107 +1,254 @@
-"""Routers: logits (float32, whatever the param dtype) -> one RoutingPlan for every backend.
+"""Routers: each turns a group of tokens into one :class:`~moejax.moe.plan.RoutingPlan` plus its
+:class:`RouterLosses`.
 
-Letters: ``g`` groups, ``t`` tokens per group, ``e`` experts, ``k`` top-k, ``c`` capacity,
-``a`` assignments per group, ``d`` d_model.
+Letters: ``g`` groups, ``t`` tokens per group, ``e`` experts, ``r`` router outputs (``e`` unless
+experts were merged), ``k`` top-k, ``c`` capacity, ``a`` assignments per group, ``d`` d_model,
+``b`` batch, ``n`` tasks.
 
-A :class:`RoutingPlan` is a flat list of assignments per group, each a (token, expert, slot,
-weight) tuple with ``routed`` (asked for an expert) and ``kept`` (got a slot) masks. Two layouts:
+Every router is an ``nnx.Module`` with one call signature,
+``router(x [g, t, d], mask [g, t], *, deterministic, rngs, task_ids=None) -> (plan, losses)``, and
+computes its logits in float32 ("selective precision") whatever the parameter dtype. The base
+:class:`Router` owns what all routers share (capacity, jitter, the z-loss and the load-balancing
+loss); a subclass overrides :meth:`Router.plan` (and, for other inputs than the token's hidden
+state, :meth:`Router.logits`):
 
-* ``token_major`` (tokens choose): ``a = k * t``, assignment ``j * t + i`` is token ``i``'s
-  ``j``-th choice; all first choices come before any second choice.
-* ``expert_major`` (expert choice): ``a = e * c``, assignment ``x * c + s`` is slot ``s`` of
-  expert ``x``.
+* :class:`TopKRouter`: tokens choose their top-k experts (Switch k=1, GShard / Mixtral k=2).
+* :class:`NoisyTopKRouter`: Shazeer et al. 2017 noisy top-k gating with importance / load losses.
+* :class:`ExpertChoiceRouter`: each expert takes its top-C tokens (Zhou et al. 2022; not causal).
+* :class:`TaskRouter`: task-level routing from a learned ``[tasks, e]`` logit table.
+
+:func:`moejax.moe.factory.make_router` maps ``MoeConfig.router`` to these classes.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from moejax.moe.capacity import assign_slots
+from moejax.moe.capacity import assign_slots, layer_capacity
+from moejax.moe.losses import importance_loss, load_balancing_loss, load_loss, router_z_loss
+from moejax.moe.options import SecondExpertPolicy, WeightNorm
+from moejax.moe.plan import ExpertChoicePlan, RoutingPlan, TokenChoicePlan
+
+if TYPE_CHECKING:
+    from moejax.moe.config import MoeConfig
 
 
 @struct.dataclass
-class RoutingPlan:
-    """Where every token goes. Shapes ``[g, a]`` unless noted.
+class RouterLosses:
+    """The auxiliary losses of one routing call (float32 scalars, unweighted).
 
-    token: int32 token index within its group. expert: int32 expert index. slot: int32 position in
-    the expert's capacity buffer (valid where ``kept``). weight: float32 combine weight (0 where
-    not kept). routed: bool, the assignment was requested (not padding, not removed by the
-    second-expert policy). kept: bool, routed and within capacity.
-    selected: ``[g, t, k]`` int32 experts chosen per token before policy and capacity (for the
-    load-balancing loss; ``[g, t, 0]`` for expert choice).
+    ``load_balancing_loss``: ``E * sum_e f_e * P_e`` (k at perfect balance; 0 for expert choice,
+    which is balanced by construction). ``router_z_loss``: ``mean(logsumexp(logits)^2)``.
+    ``importance_loss`` / ``load_loss``: Shazeer et al.'s CV^2 losses (noisy top-k in training,
+    else 0).
     """
 
-    token: jax.Array
-    expert: jax.Array
-    slot: jax.Array
-    weight: jax.Array
-    routed: jax.Array
-    kept: jax.Array
-    selected: jax.Array
-    num_experts: int = struct.field(pytree_node=False)
-    capacity: int = struct.field(pytree_node=False)
-    layout: str = struct.field(pytree_node=False)
+    load_balancing_loss: jax.Array
+    router_z_loss: jax.Array
+    importance_loss: jax.Array
+    load_loss: jax.Array
 
-    @property
-    def tokens_per_group(self) -> int:
-        return self.selected.shape[1]
+    @classmethod
+    def zeros(cls) -> RouterLosses:
+        z = jnp.zeros((), jnp.float32)
+        return cls(load_balancing_loss=z, router_z_loss=z, importance_loss=z, load_loss=z)
+
+    def __add__(self, other: RouterLosses) -> RouterLosses:
+        return jax.tree.map(jnp.add, self, other)
 
 
 class Router(nnx.Module):
-    """Linear router ``logits = x @ W (+ b)`` computed in float32 ("selective precision").
+    """Base router: ``(x [g, t, d], mask [g, t], *, deterministic, rngs, task_ids=None) ->
+    (RoutingPlan, RouterLosses)``.
 
-    With ``noisy=True`` it also owns the noise projection of noisy top-k gating. Params:
-    ``kernel [d, e]`` (logical ``('embed', 'unmodeled')``), optional ``bias [e]``,
-    ``noise_kernel [d, e]``.
+    Class attributes state what the router supports, checked by :meth:`check_config` (called from
+    ``MoeConfig.validate``): ``uses_task_ids`` (routes by the example's task id, ``task_ids [b]``
+    needed), ``fixed_capacity`` (capacity is the routing rule itself: dropless is invalid),
+    ``second_expert_policies`` (top-2 policies other than ``all`` it implements), ``expert_map``
+    (can serve merged experts).
     """
 
-    def __init__(self, d_model: int, num_experts: int, *, use_bias: bool = False, noisy: bool = False,
-                 init_std: float = 0.02, param_dtype=jnp.float32, compute_dtype=jnp.float32, rngs: nnx.Rngs):
-        self.compute_dtype = compute_dtype
-        self.kernel = nnx.Param(
-            jax.random.normal(rngs.params(), (d_model, num_experts), jnp.float32).astype(param_dtype) * init_std,
-            logical_axes=("embed", "unmodeled"),
-        )
-        self.bias = (
-            nnx.Param(jnp.zeros((num_experts,), param_dtype), logical_axes=("unmodeled",)) if use_bias else None
-        )
-        # Shazeer et al. initialise the noise weights to zero (noise std softplus(0) ~ 0.69).
-        self.noise_kernel = (
-            nnx.Param(jnp.zeros((d_model, num_experts), param_dtype), logical_axes=("embed", "unmodeled"))
-            if noisy else None
-        )
+    uses_task_ids: bool = False
+    fixed_capacity: bool = False
+    second_expert_policies: tuple[str, ...] = ()
+    expert_map: bool = False
+    jitter: bool = True
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """``x [g, t, d]`` -> logits ``[g, t, e]`` float32 (computed in ``compute_dtype``: float32
-        unless an experiment asks for a bfloat16 router)."""
-        dt = self.compute_dtype
-        logits = jnp.einsum("gtd,de->gte", x.astype(dt), self.kernel[...].astype(dt))
+    def __init__(self, cfg: MoeConfig):
+        self.cfg = cfg
+
+    @classmethod
+    def check_config(cls, cfg: MoeConfig) -> None:
+        """Raise a ValueError naming the field when ``cfg`` asks for what this router cannot do."""
+        policy = cfg.second_expert_policy
+        if policy != SecondExpertPolicy.ALL and not (policy in cls.second_expert_policies and cfg.top_k == 2):
+            raise ValueError(
+                f"second_expert_policy={policy!r} needs router='top_k' with top_k=2 (got router={cfg.router!r}, "
+                f"top_k={cfg.top_k}); use 'all' otherwise")
+        if cfg.expert_map is not None:
+            bad = [v for v in cfg.expert_map if not 0 <= int(v) < cfg.num_experts]
+            if bad or not cls.expert_map:
+                raise ValueError(f"expert_map entries must lie in [0, {cfg.num_experts}) and need router='top_k'; "
+                                 f"got {bad or cfg.router!r}")
+        if cls.fixed_capacity and cfg.dropless:
+            raise ValueError(f"router={cfg.router!r} has a fixed capacity by design; dropless=True is invalid")
+
+    def logits(self, x: jax.Array, task_ids: jax.Array | None = None) -> jax.Array:
+        """Router logits ``[g, t, r]`` float32."""
+        raise NotImplementedError
+
+    def plan(self, logits: jax.Array, mask: jax.Array, *, capacity: int, router_in: jax.Array,
+             deterministic: bool, rngs: nnx.Rngs) -> tuple[RoutingPlan, RouterLosses]:
+        """``logits [g, t, r]`` -> the plan and the router-specific losses (importance / load);
+        the base call adds the z-loss and the load-balancing loss."""
+        raise NotImplementedError
+
+    def __call__(self, x: jax.Array, mask: jax.Array, *, deterministic: bool, rngs: nnx.Rngs,
+                 task_ids: jax.Array | None = None) -> tuple[RoutingPlan, RouterLosses]:
+        cfg = self.cfg
+        router_in = x
+        if not deterministic and self.jitter and cfg.jitter_eps > 0:
+            noise = jax.random.uniform(rngs.jitter(), x.shape, jnp.float32, 1.0 - cfg.jitter_eps, 1.0 + cfg.jitter_eps)
+            router_in = x.astype(jnp.float32) * noise
+        logits = self.logits(router_in, task_ids)
+        cap = layer_capacity(cfg, x.shape[1], deterministic)
+        plan, extra = self.plan(logits, mask, capacity=cap, router_in=router_in, deterministic=deterministic,
+                                rngs=rngs)
+        return plan, extra.replace(
+            load_balancing_loss=load_balancing_loss(plan.probs, plan.selected, mask),
+            router_z_loss=router_z_loss(logits, mask))
+
+
+class LinearRouter(Router):
+    """A linear router ``logits = x @ W (+ b)`` computed in ``cfg.router_dtype`` (float32 unless an
+    experiment asks for bfloat16), cast to float32. Params: ``kernel [d, r]`` (logical
+    ``('embed', 'unmodeled')``), optional ``bias [r]``."""
+
+    def __init__(self, cfg: MoeConfig, *, rngs: nnx.Rngs):
+        super().__init__(cfg)
+        r = cfg.router_width
+        self.kernel = nnx.Param(
+            jax.random.normal(rngs.params(), (cfg.d_model, r), jnp.float32).astype(cfg.param_dtype)
+            * cfg.router_init_std, logical_axes=("embed", "unmodeled"))
+        self.bias = (nnx.Param(jnp.zeros((r,), cfg.param_dtype), logical_axes=("unmodeled",))
+                     if cfg.router_bias else None)
+
+    def logits(self, x: jax.Array, task_ids: jax.Array | None = None) -> jax.Array:
+        """``x [g, t, d]`` -> ``[g, t, r]`` float32 (token-level routers do not read ``task_ids``)."""
+        dt = self.cfg.router_dtype
+        logits = jnp.einsum("gtd,dr->gtr", x.astype(dt), self.kernel[...].astype(dt))
         if self.bias is not None:
             logits = logits + self.bias[...].astype(dt)
         return logits.astype(jnp.float32)
 
+
+def _top_k_plan(cfg: MoeConfig, logits, mask, capacity, deterministic, rng=None) -> TokenChoicePlan:
+    return top_k_route(logits, k=cfg.top_k, capacity=capacity, token_mask=mask, policy=cfg.second_expert_policy,
+                       weight_norm=cfg.weight_norm, batch_prioritized=cfg.batch_prioritized, train=not deterministic,
+                       rng=rng, expert_map=None if cfg.expert_map is None else jnp.asarray(cfg.expert_map),
+                       num_experts=cfg.num_experts)
+
+
+class TopKRouter(LinearRouter):
+    """Tokens choose their top-k experts (:func:`top_k_route`), with the second-expert policies of
+    GShard (``random``) and Gumbel ``sampling`` acting in training (RNG stream ``routing``)."""
+
+    second_expert_policies = (SecondExpertPolicy.RANDOM.value, SecondExpertPolicy.SAMPLING.value)
+    expert_map = True
+
+    def plan(self, logits, mask, *, capacity, router_in, deterministic, rngs):
+        cfg = self.cfg
+        rng = None if deterministic or cfg.second_expert_policy == SecondExpertPolicy.ALL else rngs.routing()
+        return _top_k_plan(cfg, logits, mask, capacity, deterministic, rng), RouterLosses.zeros()
+
+
+class NoisyTopKRouter(LinearRouter):
+    """Noisy top-k gating (Shazeer et al. 2017): in training, ``logits + N(0, 1) * softplus(x @
+    W_noise)`` (RNG stream ``routing``) and the importance and load losses; the softmax is over the
+    noisy logits. Params: those of :class:`LinearRouter` plus ``noise_kernel [d, r]`` (zero-init:
+    noise std softplus(0) ~ 0.69)."""
+
+    def __init__(self, cfg: MoeConfig, *, rngs: nnx.Rngs):
+        super().__init__(cfg, rngs=rngs)
+        self.noise_kernel = nnx.Param(jnp.zeros((cfg.d_model, cfg.router_width), cfg.param_dtype),
+                                      logical_axes=("embed", "unmodeled"))
+
     def noise_std(self, x: jax.Array) -> jax.Array:
-        """Noisy top-k: ``softplus(x @ W_noise)`` ``[g, t, e]`` float32."""
+        """``softplus(x @ W_noise)`` ``[g, t, r]`` float32."""
         return jax.nn.softplus(
-            jnp.einsum("gtd,de->gte", x.astype(jnp.float32), self.noise_kernel[...].astype(jnp.float32))
-        )
+            jnp.einsum("gtd,dr->gtr", x.astype(jnp.float32), self.noise_kernel[...].astype(jnp.float32)))
+
+    def plan(self, logits, mask, *, capacity, router_in, deterministic, rngs):
+        cfg = self.cfg
+        if deterministic:
+            return _top_k_plan(cfg, logits, mask, capacity, deterministic), RouterLosses.zeros()
+        std = self.noise_std(router_in)
+        noisy = logits + jax.random.normal(rngs.routing(), logits.shape, jnp.float32) * std
+        plan = _top_k_plan(cfg, noisy, mask, capacity, deterministic)
+        g, t = mask.shape
+        dense = jnp.zeros((g, t, cfg.num_experts), jnp.float32)
+        dense = jax.vmap(lambda z, tok, ex, w: z.at[tok, ex].add(w))(dense, plan.token, plan.expert,
+                                                                    jnp.where(plan.routed, plan.weight, 0.0))
+        extra = RouterLosses.zeros().replace(importance_loss=importance_loss(dense, mask),
+                                             load_loss=load_loss(logits, noisy, std, cfg.top_k, mask))
+        return plan, extra
 
 
-class TaskRouter(nnx.Module):
-    """Task-level router: a learned logit table ``table [num_tasks, e]`` (logical
-    ``('unmodeled', 'unmodeled')``); ``task_ids [b]`` -> logits ``[b, e]`` float32."""
+class ExpertChoiceRouter(LinearRouter):
+    """Expert choice (:func:`expert_choice_route`): each expert takes its top-C tokens of the group.
+    **Not causal** (a token's routing depends on later tokens of its group): do not use it in
+    autoregressive decoders."""
 
-    def __init__(self, num_tasks: int, num_experts: int, *, init_std: float = 0.02, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+    fixed_capacity = True
+
+    def plan(self, logits, mask, *, capacity, router_in, deterministic, rngs):
+        return expert_choice_route(logits, capacity=capacity, token_mask=mask), RouterLosses.zeros()
+
+
+class TaskRouter(Router):
+    """Task-level routing: a learned logit table ``table [n, r]`` (logical ``('unmodeled',
+    'unmodeled')``) indexed by each example's task id; every token of an example goes to the same
+    top-k experts (dropless, weights renormalised over the k). No jitter (the logits do not depend
+    on the tokens)."""
+
+    uses_task_ids = True
+    expert_map = True
+    jitter = False
+
+    def __init__(self, cfg: MoeConfig, *, rngs: nnx.Rngs):
+        super().__init__(cfg)
         self.table = nnx.Param(
-            jax.random.normal(rngs.params(), (num_tasks, num_experts), jnp.float32).astype(param_dtype) * init_std,
-            logical_axes=("unmodeled", "unmodeled"))
-        self.num_tasks = num_tasks
+            jax.random.normal(rngs.params(), (cfg.num_tasks, cfg.router_width), jnp.float32).astype(cfg.param_dtype)
+            * cfg.router_init_std, logical_axes=("unmodeled", "unmodeled"))
+        self.num_tasks = cfg.num_tasks
 
-    def __call__(self, task_ids: jax.Array) -> jax.Array:
+    @classmethod
+    def check_config(cls, cfg: MoeConfig) -> None:
+        super().check_config(cfg)
+        if cfg.num_tasks < 1 or not cfg.dropless or cfg.weight_norm != WeightNorm.TOPK:
+            raise ValueError(f"router='task' needs num_tasks >= 1 (got {cfg.num_tasks}), dropless=True and "
+                             f"weight_norm='topk' (every token of a task goes to the same experts)")
+
+    def task_logits(self, task_ids: jax.Array) -> jax.Array:
+        """``task_ids [b]`` int -> ``[b, r]`` float32."""
         return jnp.take(self.table[...].astype(jnp.float32), task_ids.astype(jnp.int32), axis=0)
+
+    def logits(self, x: jax.Array, task_ids: jax.Array | None = None) -> jax.Array:
+        """``x [g, t, d]`` (only its shape is read) and ``task_ids [b]`` -> ``[g, t, r]``, each token
+        with the logits of its example's task (the layer's groups are whole examples' tokens in
+        order: ``g * t = b * s``)."""
+        g, t = x.shape[:2]
+        b = task_ids.shape[0]
+        tl = self.task_logits(task_ids)
+        s = g * t // b
+        return jnp.broadcast_to(tl[:, None, :], (b, s, tl.shape[-1])).reshape(g, t, tl.shape[-1])
+
+    def plan(self, logits, mask, *, capacity, router_in, deterministic, rngs):
+        return _top_k_plan(self.cfg, logits, mask, capacity, deterministic), RouterLosses.zeros()
 
 
 def _priority(probs: jax.Array, k: int, batch_prioritized: bool) -> jax.Array:
@@ -151,15 +298,15 @@ def top_k_route(
         of ``num_experts`` physical experts (merged experts); ``selected`` stays in router space.
 
     Returns:
-      a token-major :class:`RoutingPlan` with ``a = k * t``.
+      a :class:`TokenChoicePlan` with ``a = k * t``.
     """
     g, t, e = logits.shape
     if probs is None:
         probs = jax.nn.softmax(logits, axis=-1)
-    random_policy = train and policy in ("random", "sampling") and k == 2
+    random_policy = train and policy != SecondExpertPolicy.ALL and k == 2
     if random_policy and rng is None:
         raise ValueError(f"second_expert_policy={policy!r} needs an RNG in training")
-    if random_policy and policy == "sampling":
+    if random_policy and policy == SecondExpertPolicy.SAMPLING:
         first = jnp.argmax(probs, axis=-1)
         gumbel = jax.random.gumbel(rng, logits.shape, jnp.float32)
         noisy = jnp.where(jax.nn.one_hot(first, e, dtype=bool), -jnp.inf, logits + gumbel)
@@ -169,7 +316,7 @@ def top_k_route(
     idx = idx.astype(jnp.int32)  # [g, t, k]
     gate = jnp.take_along_axis(probs, idx, axis=-1)  # [g, t, k]
     routed = jnp.broadcast_to(token_mask[..., None], (g, t, k))
-    if random_policy and policy == "random":
+    if random_policy and policy == SecondExpertPolicy.RANDOM:
         u = jax.random.uniform(rng, (g, t), jnp.float32)
         keep2 = 2.0 * gate[..., 1] > u
         routed = routed.at[..., 1].set(routed[..., 1] & keep2)
@@ -182,10 +329,10 @@ def top_k_route(
     expert_f, routed_f = flat(idx if expert_map is None else jnp.asarray(expert_map, jnp.int32)[idx]), flat(routed)
     slot, kept = assign_slots(expert_f, _priority(probs, k, batch_prioritized), routed_f, phys, capacity)
     gate_f = flat(gate)
-    if weight_norm == "topk":
+    if weight_norm == WeightNorm.TOPK:
         denom = flat(jnp.broadcast_to(jnp.sum(gate, axis=-1, keepdims=True), gate.shape))
         weight = gate_f / denom
-    elif weight_norm == "kept":
+    elif weight_norm == WeightNorm.KEPT:
         kept_tk = jnp.swapaxes(kept.reshape(g, k, t), 1, 2)
         denom = jnp.sum(gate * kept_tk, axis=-1, keepdims=True)
         denom = jnp.maximum(denom, jnp.finfo(jnp.float32).eps)
@@ -194,8 +341,8 @@ def top_k_route(
         weight = gate_f
     weight = jnp.where(kept, weight, 0.0)
     token = jnp.broadcast_to(jnp.tile(jnp.arange(t, dtype=jnp.int32), k), (g, k * t))
-    return RoutingPlan(token=token, expert=expert_f, slot=slot, weight=weight, routed=routed_f, kept=kept,
-                       selected=idx, num_experts=phys, capacity=capacity, layout="token_major")
+    return TokenChoicePlan(token=token, expert=expert_f, slot=slot, weight=weight, routed=routed_f, kept=kept,
+                           selected=idx, probs=probs, num_experts=phys, capacity=capacity)
 
 
 def expert_choice_route(logits: jax.Array, *, capacity: int, token_mask: jax.Array) -> RoutingPlan:
@@ -208,7 +355,7 @@ def expert_choice_route(logits: jax.Array, *, capacity: int, token_mask: jax.Arr
       logits: ``[g, t, e]`` float32. capacity: C (clipped to ``t``). token_mask: ``[g, t]`` bool.
 
     Returns:
-      an expert-major :class:`RoutingPlan` with ``a = e * C``; the weight is the token's softmax
+      an :class:`ExpertChoicePlan` with ``a = e * C``; the weight is the token's softmax
       probability (over experts) for that expert. Padding tokens are never chosen over real ones
       and are marked not kept if a group has fewer than C real tokens.
     """
@@ -222,6 +369,5 @@ def expert_choice_route(logits: jax.Array, *, capacity: int, token_mask: jax.Arr
     weight = jnp.where(kept, vals.reshape(g, e * c), 0.0)
     expert = jnp.broadcast_to(jnp.repeat(jnp.arange(e, dtype=jnp.int32), c), (g, e * c))
     slot = jnp.broadcast_to(jnp.tile(jnp.arange(c, dtype=jnp.int32), e), (g, e * c))
-    return RoutingPlan(token=tok, expert=expert, slot=slot, weight=weight, routed=kept, kept=kept,
-                       selected=jnp.zeros((g, t, 0), jnp.int32), num_experts=e, capacity=c,
-                       layout="expert_major")
+    return ExpertChoicePlan(token=tok, expert=expert, slot=slot, weight=weight, routed=kept, kept=kept,
+                            selected=jnp.zeros((g, t, 0), jnp.int32), probs=probs, num_experts=e, capacity=c)

@@ -97,7 +97,7 @@ def evaluate(model_dir: str, fns, params, model_cfg, cfg, step: int) -> dict:
             losses.append({k: float(to_host(v)) for k, v in m.items() if np.ndim(v) == 0})
     for k in ("loss", "cross_entropy", "accuracy", "tokens_dropped_fraction"):
         if losses:
-            results[f"eval/{k}"] = float(np.mean([l[k] for l in losses]))
+            results[f"eval/{k}"] = float(np.mean([m[k] for m in losses]))
     ids = data.task_names(name)
     for task in tasks_of(name):
         if not task.metric_fns:

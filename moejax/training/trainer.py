@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import time
+
 import jax
 import numpy as np
 from flax import nnx
@@ -23,9 +24,9 @@ from moejax.mesh import create_mesh, global_shape
 from moejax.sharding import DEFAULT_RULES
 from moejax.training import evaluation
 from moejax.training.checkpoints import Checkpointer, check_model_dir, restore_params
+from moejax.training.distill import init_student_from_teacher
 from moejax.training.loss import LossConfig
 from moejax.training.optim import make_optimizer
-from moejax.training.distill import init_student_from_teacher
 from moejax.training.state import StepFns
 from moejax.training.upcycle import load_dense_params, upcycle_params
 from moejax.training.writers import MetricWriter

@@ -98,6 +98,6 @@ def test_switch_per_layer_load_balancing_loss_matches_hf(tmp_path):
     for ours, hf_layers in ((aux.encoder, out.encoder_router_logits), (aux.decoder, out.decoder_router_logits)):
         sparse = [r for r in hf_layers if len(r[0].shape) > 1]
         assert len(sparse) == ours.load_balancing_loss.shape[0]
-        for l, (logits, index) in enumerate(sparse):
+        for layer, (logits, index) in enumerate(sparse):
             want = float(load_balancing_loss_func(torch.softmax(logits, dim=-1), index))
-            np.testing.assert_allclose(float(ours.load_balancing_loss[l]), want, rtol=1e-5)
+            np.testing.assert_allclose(float(ours.load_balancing_loss[layer]), want, rtol=1e-5)

@@ -26,7 +26,8 @@ def test_corpus_is_deterministic_and_splits_differ():
                for e in add)
 
 
-@pytest.mark.parametrize("length,density,mean_span", [(30, 0.15, 3.0), (57, 0.5, 8.0), (12, 0.15, 3.0), (100, 0.5, 64.0)])
+@pytest.mark.parametrize("length,density,mean_span",
+                         [(30, 0.15, 3.0), (57, 0.5, 8.0), (12, 0.15, 3.0), (100, 0.5, 64.0)])
 def test_span_corruption_reconstructs_the_original(length, density, mean_span):
     vocab = 500
     tokens = np.arange(10, 10 + length, dtype=np.int32)

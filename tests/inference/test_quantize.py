@@ -49,12 +49,12 @@ def test_quantized_model_close_to_float(name, bits, group):
 
 def test_trained_model_loss_within_tolerance(tmp_path):
     """int8 keeps the eval loss of a briefly trained tiny Switch within 0.5%, int4 (group 16) within 3%."""
-    from moejax.training.loss import LossConfig, loss_fn
-    from moejax.training.optim import make_optimizer
-    from moejax.training.trainer import TrainConfig, train
-    from moejax.training.state import StepFns
     from moejax.data import batches
     from moejax.sharding import make_mesh
+    from moejax.training.loss import LossConfig, loss_fn
+    from moejax.training.optim import make_optimizer
+    from moejax.training.state import StepFns
+    from moejax.training.trainer import TrainConfig, train
 
     cfg = get_config("tiny_switch", vocab_size=512)
     tc = TrainConfig(batch_size=16, train_steps=60, log_every=20, mesh_shape={"data": 8}, eval_batches=1,
@@ -113,7 +113,8 @@ def test_merge_and_quantize_cli(tmp_path, capsys):
 
     src = str(tmp_path / "src")
     save(model("tiny_mixtral"), src)
-    assert main(["quantize", "--checkpoint", src, "--bits", "4", "--group_size", "16", "--out", str(tmp_path / "q")]) == 0
+    args = ["quantize", "--checkpoint", src, "--bits", "4", "--group_size", "16", "--out", str(tmp_path / "q")]
+    assert main(args) == 0
     assert restore(str(tmp_path / "q")).cfg.moe.quant_bits == 4
     assert main(["merge", "--checkpoint", src, "--num_experts", "2", "--out", str(tmp_path / "m")]) == 0
     assert restore(str(tmp_path / "m")).cfg.moe.num_experts == 2

@@ -136,7 +136,7 @@ def ref_moe(params, x, cfg, *, deterministic=True, padding_mask=None, keep2=None
                 per_tok.setdefault(i, []).append((ex, j, routed, kept))
             for i, lst in per_tok.items():
                 gates = [probs[i, ex] for (ex, _, _, _) in lst]
-                for (ex, j, routed, kept), gate in zip(lst, gates):
+                for (ex, _j, _routed, kept), gate in zip(lst, gates):
                     if not kept:
                         continue
                     if cfg.weight_norm == "topk":

@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from moejax.moe import MoeConfig, MoeLayer
-from moejax.moe.dispatch import _take_rows, sum_choices
+from moejax.moe.rows import sum_choices, take_rows
 from moejax.moe.losses import token_mean
 
 
@@ -28,7 +28,7 @@ def test_take_rows_gathers_rows_per_group():
     x = rng.normal(size=(3, 7, 4)).astype(np.float32)
     idx = rng.integers(0, 7, size=(3, 9))
     expected = np.stack([x[i][idx[i]] for i in range(3)])
-    np.testing.assert_array_equal(_take_rows(jnp.asarray(x), jnp.asarray(idx)), expected)
+    np.testing.assert_array_equal(take_rows(jnp.asarray(x), jnp.asarray(idx)), expected)
 
 
 def test_token_mean_ignores_padding():

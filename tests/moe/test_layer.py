@@ -218,7 +218,7 @@ def test_jit_bf16_params_router_stays_f32(backend):
     assert y.dtype == jnp.bfloat16
     assert stats.router_z_loss.dtype == jnp.float32
     # the router itself computes in f32: logits equal the f32 computation of the bf16 values
-    logits = layer.router(x.reshape(1, B * S, D))
+    logits = layer.router.logits(x.reshape(1, B * S, D))
     assert logits.dtype == jnp.float32
     ref = x.astype(jnp.float32).reshape(1, B * S, D) @ layer.router.kernel[...].astype(jnp.float32)
     np.testing.assert_allclose(logits, ref, rtol=1e-6, atol=1e-6)

@@ -77,14 +77,14 @@ def test_top_k_plan_matches_reference_decisions(k, bpr):
 def test_first_choices_placed_before_second():
     # every token's 1st choice is expert 0 for the first half and expert 1 for the second; 2nd choices
     # collide with 1st choices but must never evict them.
-    t, e = 8, 2
+    t = 8
     logits = jnp.where(jnp.arange(t)[:, None] < t // 2, jnp.array([2.0, 1.0]), jnp.array([1.0, 2.0]))[None]
     plan = top_k_route(logits, k=2, capacity=t // 2, token_mask=jnp.ones((1, t), bool))
     assert bool(jnp.all(plan.kept[0, :t])) and not bool(jnp.any(plan.kept[0, t:]))
 
 
 def test_bpr_prefers_confident_tokens():
-    t, e = 6, 2
+    t = 6
     conf = jnp.array([0.1, 0.2, 3.0, 0.3, 2.0, 0.4])  # all prefer expert 0
     logits = jnp.stack([conf, jnp.zeros(t)], -1)[None]
     plan = top_k_route(logits, k=1, capacity=2, token_mask=jnp.ones((1, t), bool), batch_prioritized=True)
@@ -142,7 +142,9 @@ def test_router_float32_with_bf16_input():
     layer = MoeLayer(MoeConfig(num_experts=4, d_model=8, d_ff=16, param_dtype=jnp.bfloat16, dtype=jnp.bfloat16),
                      rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(0), (1, 4, 8)).astype(jnp.bfloat16)
-    assert layer.router(x).dtype == jnp.float32
+    assert layer.router.logits(x).dtype == jnp.float32
+    plan, losses = layer.router(x, jnp.ones((1, 4), bool), deterministic=True, rngs=layer.rngs)
+    assert plan.probs.dtype == jnp.float32 and losses.router_z_loss.dtype == jnp.float32
 
 
 def test_random_policy_layer_counts_unrouted_not_dropped():

@@ -25,6 +25,6 @@ def test_router_dtype_ablation_bf16_router_runs_and_logits_are_f32():
     x = jax.random.normal(jax.random.key(0), (2, 8, 16))
     f32 = MoeLayer(MoeConfig(num_experts=4, d_model=16, d_ff=32), rngs=nnx.Rngs(0))
     bf = MoeLayer(MoeConfig(num_experts=4, d_model=16, d_ff=32, router_dtype=jnp.bfloat16), rngs=nnx.Rngs(0))
-    la, lb = f32.router(x), bf.router(x)
+    la, lb = f32.router.logits(x), bf.router.logits(x)
     assert la.dtype == lb.dtype == jnp.float32
     assert 0 < float(jnp.max(jnp.abs(la - lb))) < 0.05          # bf16 rounding, nothing else

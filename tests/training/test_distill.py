@@ -38,7 +38,8 @@ def test_student_init_copies_non_expert_weights(teacher_dir):
     t_attn = teacher.encoder.stack.blocks[1].self_attn.q[...]          # teacher block 1 of period 0 = layer 1
     np.testing.assert_array_equal(np.asarray(params["encoder"]["stack"]["blocks"][0]["self_attn"]["q"][...])[1],
                                   np.asarray(t_attn)[0])
-    np.testing.assert_array_equal(np.asarray(params["embed"]["embedding"][...]), np.asarray(teacher.embed.embedding[...]))
+    np.testing.assert_array_equal(np.asarray(params["embed"]["embedding"][...]),
+                                  np.asarray(teacher.embed.embedding[...]))
     # the FFN at the teacher's sparse position (layer 1) keeps the student's init; layer 0's is copied
     s_ffn = np.asarray(params["encoder"]["stack"]["blocks"][0]["ffn"]["wi"][...])
     np.testing.assert_array_equal(s_ffn[1], np.asarray(sp["encoder"]["stack"]["blocks"][0]["ffn"]["wi"][...])[1])
@@ -64,7 +65,8 @@ def test_distilled_student_beats_plain_student(teacher_dir, tmp_path):
 def test_distill_errors(teacher_dir):
     teacher = load_model(teacher_dir)
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
-    with pytest.raises(ValueError, match="cannot distill across vocabularies: teacher vocab_size=512, student vocab_size=256"):
+    with pytest.raises(ValueError,
+                       match="cannot distill across vocabularies: teacher vocab_size=512, student vocab_size=256"):
         StepFns(get_config("tiny_t5"), make_optimizer().tx, mesh, teacher=teacher)
     with pytest.raises(ValueError, match="distill within one architecture family"):
         StepFns(get_config("tiny_llama", vocab_size=512), make_optimizer().tx, mesh, teacher=teacher)

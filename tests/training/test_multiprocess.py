@@ -18,7 +18,8 @@ from moejax.training.writers import read_jsonl
 pytestmark = pytest.mark.slow
 
 STEPS = 4
-ARGS = ["train", "--gin_file=models/tiny_switch.gin", "--gin_file=runs/pretrain.gin", "--gin_file=mesh/data2_expert4.gin",
+ARGS = ["train", "--gin_file=models/tiny_switch.gin", "--gin_file=runs/pretrain.gin",
+        "--gin_file=mesh/data2_expert4.gin",
         "--gin.MIXTURE_OR_TASK_NAME='corpus_span_corruption'", "--gin.BATCH_SIZE=16", f"--gin.TRAIN_STEPS={STEPS}",
         "--gin.WARMUP_STEPS=2", "--gin.moejax.optimizer.learning_rate=0.01", "--gin.moejax.TrainConfig.log_every=1",
         "--gin.moejax.TrainConfig.save_every=2", "--gin.moejax.TrainConfig.eval_batches=2",
@@ -62,7 +63,8 @@ def test_multiprocess_run_equals_single_process(single, tmp_path, processes):
     env = dict(os.environ, JAX_DEFAULT_MATMUL_PRECISION="highest")         # as this process (conftest)
     # the 4-process run skips the (already checked) decoding metrics to save CI time
     extra = [] if processes == 2 else ["--gin.moejax.TrainConfig.infer_examples=0"]
-    code = launch_local(ARGS + extra + [f"--gin.MODEL_DIR='{d}'"], processes, 8 // processes, log_dir=str(tmp_path / "logs"),
+    code = launch_local(ARGS + extra + [f"--gin.MODEL_DIR='{d}'"], processes, 8 // processes,
+                        log_dir=str(tmp_path / "logs"),
                         env=env, timeout=480)
     assert code == 0, open(tmp_path / "logs" / "process_1.log").read()[-3000:]
     # metrics are written once (process 0), one record per step, equal to the single-process run

@@ -188,7 +188,8 @@ def test_sparse_upcycling_copies_the_dense_ffn(make_test_mesh):
     for e in range(4):
         np.testing.assert_array_equal(experts[0, e], d_ffn[1])                     # layer 1 is the sparse one
     np.testing.assert_array_equal(np.asarray(up["encoder"]["stack"]["blocks"][0]["ffn"]["wi"][...])[0], d_ffn[0])
-    np.testing.assert_array_equal(np.asarray(up["embed"]["embedding"][...]), np.asarray(dense["embed"]["embedding"][...]))
+    np.testing.assert_array_equal(np.asarray(up["embed"]["embedding"][...]),
+                                  np.asarray(dense["embed"]["embedding"][...]))
     np.testing.assert_array_equal(np.asarray(up["encoder"]["stack"]["blocks"][1]["ffn"]["router"]["kernel"][...]),
                                   np.asarray(fresh["encoder"]["stack"]["blocks"][1]["ffn"]["router"]["kernel"][...]))
     assert up["encoder"]["stack"]["blocks"][1]["ffn"]["experts"]["wi"][...].sharding.spec[1] == "expert"
@@ -247,7 +248,8 @@ def _train_step_collectives(mesh, layer_rules=None):
     with jax.set_mesh(mesh):
         hlo = jax.jit(fns._train_step).lower(fns.abstract_state(), batch, None).compile().as_text()
     gathers = " ".join(line for line in hlo.splitlines() if "all-gather(" in line)
-    kernels = [shape for shape in ("[1,8,64,128]", "[1,8,128,64]", "[8,64,128]", "[8,128,64]") if f"f32{shape}" in gathers]
+    shapes = ("[1,8,64,128]", "[1,8,128,64]", "[8,64,128]", "[8,128,64]")
+    kernels = [shape for shape in shapes if f"f32{shape}" in gathers]
     return hlo.count("all-to-all("), kernels
 
 

@@ -1,0 +1,62 @@
+"""The one place where ``MoeConfig`` strings become objects: routers and dispatch backends.
+
+``make_router(cfg, rngs)`` / ``make_backend(cfg)`` build them; ``check_config(cfg)`` asks the
+chosen classes whether they support the rest of the config (called by ``MoeConfig.validate``).
+A new router or backend is a class beside the others plus one entry in a table below.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from flax import nnx
+
+from moejax.moe.dispatch import Backend as BackendBase
+from moejax.moe.dispatch import EinsumBackend, GatherBackend, RaggedBackend
+from moejax.moe.options import Backend, Router, check
+from moejax.moe.routing import ExpertChoiceRouter, NoisyTopKRouter, TaskRouter, TopKRouter
+from moejax.moe.routing import Router as RouterBase
+
+if TYPE_CHECKING:
+    from moejax.moe.config import MoeConfig
+
+ROUTERS: dict[Router, type[RouterBase]] = {
+    Router.TOP_K: TopKRouter,
+    Router.EXPERT_CHOICE: ExpertChoiceRouter,
+    Router.NOISY_TOP_K: NoisyTopKRouter,
+    Router.TASK: TaskRouter,
+}
+
+BACKENDS: dict[Backend, type[BackendBase]] = {
+    Backend.GATHER: GatherBackend,
+    Backend.EINSUM: EinsumBackend,
+    Backend.RAGGED: RaggedBackend,
+}
+
+
+def router_class(name: str) -> type[RouterBase]:
+    """The router class of ``MoeConfig.router`` ``name`` (ValueError listing the valid names)."""
+    check("router", name, Router)
+    return ROUTERS[Router(name)]
+
+
+def backend_class(name: str) -> type[BackendBase]:
+    """The backend class of ``MoeConfig.backend`` ``name`` (ValueError listing the valid names)."""
+    check("backend", name, Backend)
+    return BACKENDS[Backend(name)]
+
+
+def check_config(cfg: MoeConfig) -> None:
+    """Router- and backend-specific validation (each class states what it supports)."""
+    router_class(cfg.router).check_config(cfg)
+    backend_class(cfg.backend).check_config(cfg)
+
+
+def make_router(cfg: MoeConfig, rngs: nnx.Rngs) -> RouterBase:
+    """The router module of ``cfg`` (params drawn from ``rngs.params``)."""
+    return router_class(cfg.router)(cfg, rngs=rngs)
+
+
+def make_backend(cfg: MoeConfig) -> BackendBase:
+    """The dispatch backend of ``cfg`` with its activation axis rules."""
+    return backend_class(cfg.backend)(cfg.axis_rules)
