@@ -23,8 +23,7 @@ LENGTHS = {"inputs": 64, "targets": 32}
 
 def tiny(name: str, **moe):
     """A tiny registered config with the corpus vocabulary and MoE overrides."""
-    cfg = get_config(name, vocab_size=512)
-    return cfg.replace(moe=cfg.moe.replace(**moe)) if moe else cfg
+    return get_config(name, vocab_size=512, **{f"moe.{k}": v for k, v in moe.items()})
 
 
 def run(cfg, steps: int, task: str = "corpus_span_corruption", model_dir: str | None = None, lr: float = 0.1,

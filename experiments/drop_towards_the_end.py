@@ -16,9 +16,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 from common import run, save_plot, save_table, tiny
 
+import moejax.tasks  # noqa: F401  (registers the shipped seqio tasks)
+from moejax import load
 from moejax.data import corpus
 from moejax.data.vocab import get_vocabulary
-from moejax.training.checkpoints import load_model
 
 STEPS = int(sys.argv[1]) if len(sys.argv) > 1 else 300
 LEN = 64
@@ -43,7 +44,7 @@ def drop_curve(model, ids):
 def main():
     cfg = tiny("tiny_openmoe", sequence_groups=True, capacity_factor_eval=1.0)
     _, _, d = run(cfg, STEPS, task="corpus_lm", lr=0.05)
-    model = load_model(d)
+    model = load(d)
     docs = [d["text"] for d in corpus.documents("validation", 400)]
     tasks = [corpus.instruction(t, e["inputs"], random.Random(0), True) + " " + e["targets"]
              for t in corpus.TASKS for e in corpus.task_examples(t, "validation", 64)]

@@ -12,10 +12,11 @@ import os
 from pathlib import Path
 
 import gin
+from moejax.models.config import override
 from moejax.models.registry import get_config
-from moejax.training.loss import LossConfig
+from moejax.training.config import LossConfig, TrainConfig
 from moejax.training.optim import make_optimizer
-from moejax.training.trainer import TrainConfig, run_eval, run_infer, train
+from moejax.training.trainer import run_eval, run_infer, train
 
 REQUIRED_MACROS = ("MODEL_DIR", "MODEL", "MIXTURE_OR_TASK_NAME", "TASK_FEATURE_LENGTHS", "TRAIN_STEPS",
                    "INITIAL_CHECKPOINT_PATH", "TEACHER_CHECKPOINT")
@@ -55,8 +56,10 @@ def check_required_macros() -> None:
 
 @gin.configurable(module="moejax")
 def model_config(name: str = gin.REQUIRED, overrides: dict | None = None, vocab_from_task: str | None = None):
-    """The registered config ``name`` with ``overrides``; ``vocab_from_task`` sets ``vocab_size`` to
-    that task's vocabulary size (rounded up to a multiple of 128) for the tiny configs."""
+    """The registered config ``name`` with ``overrides`` (field names or dotted paths such as
+    ``{'moe.expert_dropout': 0.2}``, :func:`moejax.models.config.override`); ``vocab_from_task``
+    sets ``vocab_size`` to that task's vocabulary size (rounded up to a multiple of 128) for the tiny
+    configs."""
     overrides = dict(overrides or {})
     if vocab_from_task:
         from moejax.data.batches import get_provider
@@ -75,13 +78,15 @@ def run(mode: str, model_dir: str = gin.REQUIRED, model=gin.REQUIRED, train_conf
     MoE layers' dropout on the expert hidden layer (finetuning)."""
     if not model_dir:
         raise ValueError("MODEL_DIR is empty; pass --gin.MODEL_DIR=\"'/path/to/run'\"")
+    overrides = {}
     if compute_dtype:
         import jax.numpy as jnp
 
         dt = jnp.dtype(compute_dtype)
-        model = model.replace(dtype=dt, moe=model.moe.replace(dtype=dt) if model.moe is not None else None)
+        overrides.update({"dtype": dt, **({"moe.dtype": dt} if model.moe is not None else {})})
     if expert_dropout is not None and model.moe is not None:
-        model = model.replace(moe=model.moe.replace(expert_dropout=float(expert_dropout)))
+        overrides["moe.expert_dropout"] = float(expert_dropout)
+    model = override(model, overrides).validate()
     model_dir = os.path.abspath(os.path.expanduser(model_dir))
     if mode == "train":
         return train(model_dir, model, train_config, optimizer)

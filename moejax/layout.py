@@ -33,7 +33,17 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AbstractMesh, NamedSharding
 
+from moejax.models.build import abstract_model
+from moejax.models.config import EncDecConfig
+from moejax.models.registry import get_config
+from moejax.moe import MoeLayer, Router
+from moejax.moe.capacity import num_groups
+from moejax.moe.experts import ffn_matrices
+from moejax.moe.factory import backend_class
 from moejax.sharding import DEFAULT_RULES, Rules, logical_to_spec, spec_divisor, state_shardings, variable_logical_axes
+from moejax.training.optim import make_optimizer
+from moejax.training.state import opt_state_shardings
+from moejax.tree import var_value
 
 #: Global batch assumed by the README table: the Switch / T5 pretraining batch (2**20 input tokens,
 #: span-corruption targets) for encoder-decoders, 1024 x 4096 tokens for decoder-only models.
@@ -88,13 +98,11 @@ def abstract_mesh(shape: dict) -> AbstractMesh:
 
 def _model_dims(cfg) -> list[int]:
     """Sizes of every dimension the default rules put on the ``model`` axis (heads, mlp, vocab)."""
-    from moejax.models.params import _val, abstract_model, build_model
-
-    model = abstract_model(lambda: build_model(cfg, nnx.Rngs(0)))
+    model = abstract_model(cfg)
     dims = []
     for _, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         axes = variable_logical_axes(var) or ()
-        shape = _val(var).shape
+        shape = var_value(var).shape
         dims += [n for a, n in zip(axes, shape) if a in ("heads", "mlp", "vocab")]
     return dims
 
@@ -136,15 +144,8 @@ def layout(cfg, mesh_shape: dict, batch: int, lengths: dict, *, name: str = "", 
     (``{'inputs', 'targets'}``; decoder-only models use ``targets``). Activations in ``act_bytes``
     (2: bf16 compute). Raises ValueError (naming the parameter) when a parameter dimension does not
     divide its mesh axes."""
-    from moejax.models.params import _val, abstract_model, build_model
-    from moejax.moe import MoeLayer, Router
-    from moejax.moe.capacity import num_groups
-    from moejax.moe.experts import ffn_matrices
-    from moejax.training.optim import make_optimizer
-    from moejax.training.state import opt_state_shardings
-
     mesh = abstract_mesh(mesh_shape)
-    model = abstract_model(lambda: build_model(cfg, nnx.Rngs(0)))
+    model = abstract_model(cfg)
     pstate = nnx.state(model, nnx.Param)
     shardings = state_shardings(pstate, mesh, rules)
     flat_p = dict(nnx.to_flat_state(pstate))
@@ -157,9 +158,9 @@ def layout(cfg, mesh_shape: dict, batch: int, lengths: dict, *, name: str = "", 
                for q, _ in nnx.to_flat_state(nnx.state(node, nnx.Param))}
     arrays, arr_shardings = {}, {}
     for path, var in flat_p.items():
-        value = _val(var)
+        value = var_value(var)
         sh = flat_s[path]
-        sh = _val(sh) if isinstance(sh, nnx.Variable) else sh
+        sh = var_value(sh) if isinstance(sh, nnx.Variable) else sh
         out.params += _shard_bytes(value.shape, value.dtype, sh)
         arrays[path] = jax.ShapeDtypeStruct(value.shape, value.dtype)
         arr_shardings[path] = sh
@@ -181,8 +182,8 @@ def layout(cfg, mesh_shape: dict, batch: int, lengths: dict, *, name: str = "", 
         tx = make_optimizer(opt).tx
         abstract_opt = jax.eval_shape(tx.init, tree)
         opt_sh = opt_state_shardings(abstract_opt, tree, tree_sh, mesh)
-        total = sum(_shard_bytes(a.shape, a.dtype, s) for a, s in
-                    zip(jax.tree.leaves(abstract_opt), jax.tree.leaves(opt_sh, is_leaf=lambda x: isinstance(x, NamedSharding))))
+        opt_leaves = jax.tree.leaves(opt_sh, is_leaf=lambda x: isinstance(x, NamedSharding))
+        total = sum(_shard_bytes(a.shape, a.dtype, s) for a, s in zip(jax.tree.leaves(abstract_opt), opt_leaves))
         setattr(out, opt, total)
 
     # MoE buffers: the largest layer (encoder layers see the inputs, decoder layers the targets)
@@ -194,7 +195,7 @@ def layout(cfg, mesh_shape: dict, batch: int, lengths: dict, *, name: str = "", 
         mcfg = node.cfg
         wi = next(v for _, v in nnx.to_flat_state(nnx.state(node.experts, nnx.Param)))
         ax = variable_logical_axes(wi) or ()
-        shape = _val(wi).shape
+        shape = var_value(wi).shape
         out.moe_layers += math.prod(n for a, n in zip(ax, shape) if a == "layers")
         length = lengths.get("inputs") if path and path[0] == "encoder" else lengths.get("targets")
         tokens = batch * int(length)
@@ -212,10 +213,10 @@ def layout(cfg, mesh_shape: dict, batch: int, lengths: dict, *, name: str = "", 
         c = node.capacity(t, deterministic=False)          # the layer's own rule (train capacity factor)
         d, f = mcfg.d_model, mcfg.d_ff * (ffn_matrices(mcfg.activation) - 1)
         out.backend = mcfg.backend
-        if mcfg.backend == "ragged":      # one sorted [tokens * k, d] list, not constrained to any mesh axis
+        if not backend_class(mcfg.backend).expert_parallel:  # one sorted [tokens * k, d] list on every device
             rows = tokens * min(mcfg.top_k, e)
             side, hidden = rows * d * act_bytes, rows * f * act_bytes
-            flag = "ragged dispatch is not expert-parallel: [tokens*k, d] whole on every device"
+            flag = f"{mcfg.backend} dispatch is not expert-parallel: [tokens*k, d] whole on every device"
             if flag not in out.flags:
                 out.flags.append(flag)
         else:
@@ -230,15 +231,12 @@ def layout(cfg, mesh_shape: dict, batch: int, lengths: dict, *, name: str = "", 
 
 
 def default_batch(cfg) -> tuple[int, dict]:
-    from moejax.models.encdec import EncDecConfig
-
     return ENC_DEC_BATCH if isinstance(cfg, EncDecConfig) else DECODER_BATCH
 
 
 def table(names: list[str], devices: int = 2048, mesh: dict | None = None) -> str:
     """The markdown table of :func:`layout` for each registered config name on ``devices``
     (``suggest_mesh``) or on one given ``mesh``."""
-    from moejax.models.registry import get_config
 
     rows = [HEADER]
     for n in names:

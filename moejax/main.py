@@ -4,7 +4,7 @@
 ``moejax layout --devices 2048 [--models switch_c_2048,nllb_moe_54b]``: per-device bytes of params,
 optimizer state and MoE dispatch buffers on a pod-scale mesh, from abstract shapes.
 ``moejax convert --hf_dir DIR --out CKPT``: a HF checkpoint (Mixtral / Llama / Mistral, Switch / T5,
-NLLB-MoE) to a moejax orbax checkpoint (restore with ``moejax.convert.checkpoint.restore``).
+NLLB-MoE) to a moejax checkpoint (load it with ``moejax.load(path, mesh=None)``).
 
 ``moejax merge --checkpoint DIR --num_experts N [--method frequency] --out CKPT`` and
 ``moejax quantize --checkpoint DIR --bits 8|4 [--group_size G] --out CKPT``: compress a trained
@@ -43,25 +43,24 @@ def _parse_mesh(text: str) -> dict[str, int]:
 
 
 def cmd_params(args) -> int:
-    from flax import nnx
-
-    from moejax.models.params import abstract_model, build_model, bytes_per_device, count
+    from moejax.layout import default_batch, layout
+    from moejax.models.params import report
     from moejax.models.registry import get_config
 
     cfg = get_config(args.model)
-    model = abstract_model(lambda: build_model(cfg, nnx.Rngs(0)))
-    rep = count(model)
     print(f"# {args.model}\n")
-    print(rep.as_table())
+    print(report(cfg).as_table())
     if args.mesh:
         mesh = _parse_mesh(args.mesh)
-        b = bytes_per_device(model, mesh)
+        batch, lengths = default_batch(cfg)
+        lay = layout(cfg, mesh, batch, lengths, name=args.model)
         gib = 2**30
-        print(f"\nmesh {mesh} ({b['devices']} devices), default logical axis rules:")
-        print(f"  params    {b['params'] / gib:.3f} GiB per device")
-        print(f"  optimizer {b['optimizer'] / gib:.3f} GiB per device (AdamW, two f32 moments)")
-        if b["large_replicated"]:
-            print(f"  replicated (not sharded by any rule): {', '.join(b['large_replicated'])}")
+        print(f"\nmesh {mesh} ({lay.devices} devices), default logical axis rules:")
+        print(f"  params    {lay.params / gib:.3f} GiB per device")
+        print(f"  optimizer {lay.adamw / gib:.3f} GiB per device (AdamW, two f32 moments), "
+              f"{lay.adafactor / gib:.3f} GiB (Adafactor)")
+        for flag in lay.flags:
+            print(f"  flag: {flag}")
     return 0
 
 
@@ -76,7 +75,8 @@ def cmd_layout(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from moejax.convert import checkpoint, hf_mixtral, hf_nllb, hf_switch
+    from moejax import checkpoint
+    from moejax.convert import hf_mixtral, hf_nllb, hf_switch
     from moejax.convert.safetensors_io import read_hf_config
 
     model_type = read_hf_config(args.hf_dir).get("model_type")
@@ -91,8 +91,9 @@ def cmd_convert(args) -> int:
 
 
 def _calibration(model, task: str, n: int, lengths: dict):
+    import moejax.tasks  # noqa: F401  (registers the shipped tasks)
     from moejax.data import batches
-    from moejax.models.encdec import EncDecConfig
+    from moejax.models.config import EncDecConfig
 
     ds = batches.dataset(task, lengths, 16, encoder_decoder=isinstance(model.cfg, EncDecConfig), split="validation",
                          shuffle=False, repeat=True)
@@ -100,11 +101,10 @@ def _calibration(model, task: str, n: int, lengths: dict):
 
 
 def cmd_merge(args) -> int:
-    from moejax.convert import checkpoint
+    from moejax import checkpoint
     from moejax.inference.merging import expert_usage, merge_experts, param_counts
-    from moejax.training.checkpoints import load_model
 
-    model = load_model(args.checkpoint)
+    model = checkpoint.load(args.checkpoint)
     usage = None
     if args.method == "frequency":
         lengths = {"inputs": args.inputs_length, "targets": args.targets_length}
@@ -118,11 +118,10 @@ def cmd_merge(args) -> int:
 
 
 def cmd_quantize(args) -> int:
-    from moejax.convert import checkpoint
+    from moejax import checkpoint
     from moejax.inference.quantize import expert_weight_bytes, quantize_model
-    from moejax.training.checkpoints import load_model
 
-    model = load_model(args.checkpoint)
+    model = checkpoint.load(args.checkpoint)
     q = quantize_model(model, args.bits, args.group_size)
     checkpoint.save(q, args.out)
     print(f"quantized experts to int{args.bits}" + (f" (groups of {args.group_size})" if args.group_size else "")
@@ -131,13 +130,13 @@ def cmd_quantize(args) -> int:
 
 
 def cmd_extract_task(args) -> int:
-    from moejax.convert import checkpoint
+    import moejax.tasks  # noqa: F401  (registers the shipped tasks)
+    from moejax import checkpoint
     from moejax.data.batches import task_names
     from moejax.inference.merging import param_counts
     from moejax.inference.task_routing import extract_task_model
-    from moejax.training.checkpoints import load_model
 
-    model = load_model(args.checkpoint)
+    model = checkpoint.load(args.checkpoint)
     task = args.task
     if not task.isdigit():
         names = task_names(args.mixture)

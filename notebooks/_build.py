@@ -96,7 +96,7 @@ PARALLEL = [
     '''import jax, jax.numpy as jnp, numpy as np
 from flax import nnx
 from moejax.sharding import DEFAULT_RULES, make_mesh, create_sharded, logical_to_spec
-from moejax.models.params import build_model
+from moejax.models import build_model
 from moejax.models.registry import get_config
 for logical, mesh_axes in DEFAULT_RULES:
     print(f"{logical:14s} -> {mesh_axes}")''',
@@ -146,7 +146,8 @@ COMMON = ["--gin_file=models/tiny_switch.gin", "--gin.BATCH_SIZE=16", "--gin_fil
           "--gin.moejax.TrainConfig.infer_examples=8"]
 def run(run_file, name, task, steps, lr, init=None):
     args = ["train", f"--gin_file=runs/{run_file}.gin", *COMMON, f"--gin.MODEL_DIR='{root}/{name}'",
-            f"--gin.MIXTURE_OR_TASK_NAME='{task}'", f"--gin.TRAIN_STEPS={steps}", f"--gin.moejax.optimizer.learning_rate={lr}"]
+            f"--gin.MIXTURE_OR_TASK_NAME='{task}'", f"--gin.TRAIN_STEPS={steps}",
+            f"--gin.moejax.optimizer.learning_rate={lr}"]
     if init:
         args.append(f"--gin.INITIAL_CHECKPOINT_PATH='{root}/{init}'")
     if run_file == "pretrain":
@@ -163,7 +164,8 @@ for ax, (name, recs) in zip(axes, curves.items()):
     ax.plot([r["step"] for r in recs], [r["loss"] for r in recs]); ax.set_title(name, fontsize=9); ax.set_xlabel("step")
 axes[0].set_ylabel("train loss"); plt.show()
 for name in ("sort", "inst", "rev"):
-    print(name, {k: round(v, 3) for k, v in read_jsonl(f"{root}/{name}/eval_metrics.jsonl")[-1].items() if "/" in k})''',
+    last = read_jsonl(f"{root}/{name}/eval_metrics.jsonl")[-1]
+    print(name, {k: round(v, 3) for k, v in last.items() if "/" in k})''',
 ]
 
 MIXTRAL = [
@@ -219,18 +221,24 @@ _, ce_student = fit("student", get_config("tiny_t5", vocab_size=512), 100, teach
 print("| model | val CE | gap kept |\\n|---|---|---|")
 for name, ce in [("teacher (8 experts)", ce_teacher), ("dense baseline", ce_dense), ("distilled student", ce_student)]:
     print(f"| {name} | {ce:.3f} | {100 * (ce_dense - ce) / (ce_dense - ce_teacher):.0f}% |")''',
-    '''from moejax.training.checkpoints import load_model
+    '''import moejax
+import moejax.tasks  # registers the shipped seqio tasks
 from moejax.inference.merging import merge_experts, param_counts
 from moejax.inference.quantize import quantize_model, expert_weight_bytes
 from moejax.training.loss import loss_fn, LossConfig
 from moejax.data import batches
-teacher = load_model(f"{root}/teacher")
-ds = batches.dataset("corpus_span_corruption", LEN, 32, encoder_decoder=True, split="validation", shuffle=False, repeat=False)
+teacher = moejax.load(f"{root}/teacher")          # any moejax checkpoint: a MODEL_DIR, a converted model, ...
+ds = batches.dataset("corpus_span_corruption", LEN, 32, encoder_decoder=True, split="validation", shuffle=False,
+                     repeat=False)
 val = [{k: jnp.asarray(v) for k, v in b.items()} for b in ds.take(2).as_numpy_iterator()]
-ce = lambda m: sum(float(loss_fn(m, b, LossConfig(z_loss=0.0), deterministic=True)[1]["cross_entropy"]) for b in val) / len(val)
+def ce(m):
+    return sum(float(loss_fn(m, b, LossConfig(z_loss=0.0), deterministic=True)[1]["cross_entropy"])
+               for b in val) / len(val)
 print("| variant | val CE | total params | expert bytes |\\n|---|---|---|---|")
-for name, m in [("original", teacher), ("merge -> 4", merge_experts(teacher, 4)), ("merge -> 1 (dense)", merge_experts(teacher, 1)),
-                ("int8 experts", quantize_model(teacher, 8)), ("int4 experts, g16", quantize_model(teacher, 4, 16))]:
+variants = [("original", teacher), ("merge -> 4", merge_experts(teacher, 4)),
+            ("merge -> 1 (dense)", merge_experts(teacher, 1)), ("int8 experts", quantize_model(teacher, 8)),
+            ("int4 experts, g16", quantize_model(teacher, 4, 16))]
+for name, m in variants:
     print(f"| {name} | {ce(m):.4f} | {param_counts(m)[0]:,} | {expert_weight_bytes(m):,} |")''',
 ]
 

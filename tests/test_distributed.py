@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import seqio
 
+import moejax.tasks  # noqa: F401  (registers the shipped seqio tasks)
 from moejax.data import batches
 from moejax.distributed import initialize, replicated, to_host
 from moejax.launch import launch_local

@@ -17,7 +17,8 @@ from flax import nnx
 
 from moejax.convert.mapping import WeightReader, load_into
 from moejax.convert.safetensors_io import load_hf_dir, read_hf_config
-from moejax.models.encdec import EncDecConfig, EncoderDecoder
+from moejax.models.config import EncDecConfig
+from moejax.models.encdec import EncoderDecoder
 from moejax.moe import MoeConfig
 
 
@@ -46,6 +47,7 @@ def config_from_hf(hf: dict, **overrides) -> EncDecConfig:
         encoder_moe_every=hf["encoder_sparse_step"], decoder_moe_every=hf["decoder_sparse_step"], moe_offset=-1,
         norm="layer", positions="sinusoidal", attn_bias=True, attn_scaled=True, ffn_bias=True,
         embed_scale=bool(hf.get("scale_embedding", True)), scale_tied_logits=False, pad_id=hf.get("pad_token_id", 1),
+        decoder_start_id=hf.get("decoder_start_token_id", 2),
     )
     return cfg.replace(**overrides).validate()
 

@@ -15,7 +15,8 @@ from flax import nnx
 
 from moejax.convert.mapping import WeightReader, load_into
 from moejax.convert.safetensors_io import load_hf_dir, read_hf_config
-from moejax.models.encdec import EncDecConfig, EncoderDecoder
+from moejax.models.config import EncDecConfig
+from moejax.models.encdec import EncoderDecoder
 from moejax.moe import MoeConfig
 
 _ACTS = {"relu": "relu", "gelu_new": "gelu", "gelu": "gelu_exact", "gelu_pytorch_tanh": "gelu"}
@@ -52,6 +53,7 @@ def config_from_hf(hf: dict, **overrides) -> EncDecConfig:
         relpos_max_distance=hf.get("relative_attention_max_distance", 128),
         tie_embeddings=bool(hf.get("tie_word_embeddings", True)), moe=moe,
         encoder_moe_every=enc_step, decoder_moe_every=dec_step, moe_offset=1,
+        pad_id=hf.get("pad_token_id", 0), decoder_start_id=hf.get("decoder_start_token_id", 0),
     )
     return cfg.replace(**overrides).validate()
 

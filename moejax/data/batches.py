@@ -19,13 +19,16 @@ from moejax.sharding import DEFAULT_RULES, logical_to_spec, spec_divisor
 
 
 def get_provider(name: str) -> seqio.DatasetProviderBase:
-    """The registered seqio task or mixture; an unknown name lists close matches."""
-    import moejax.tasks  # noqa: F401  (registers the tasks)
+    """The registered seqio task or mixture; an unknown name lists close matches.
 
+    Tasks are registered by importing their module (seqio's convention): ``import moejax.tasks``
+    registers the shipped ones (the trainer and the CLI do it), ``moejax.tasks.register_text_files``
+    adds a user's text files."""
     names = list(seqio.TaskRegistry.names()) + list(seqio.MixtureRegistry.names())
     if name not in names:
         close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
-        hint = f"; did you mean {', '.join(close)}?" if close else f"; registered: {', '.join(sorted(names))}"
+        hint = (f"; did you mean {', '.join(close)}?" if close else
+                f"; registered: {', '.join(sorted(names)) or 'none (import moejax.tasks or your task module first)'}")
         raise ValueError(f"unknown task or mixture {name!r}{hint}")
     return seqio.get_mixture_or_task(name)
 

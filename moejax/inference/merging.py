@@ -18,8 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from moejax.models.params import build_model
+from moejax.models.build import build_model
+from moejax.models.forward import apply
 from moejax.moe.layer import MoeLayer
+from moejax.tree import get_path
 
 METHODS = ("uniform", "frequency")
 GROUPINGS = ("index", "weights", "router")
@@ -30,24 +32,18 @@ def moe_layer_paths(model: nnx.Module) -> list[tuple]:
     return [tuple(p) for p, node in nnx.iter_graph(model) if isinstance(node, MoeLayer)]
 
 
-def _get(tree, path):
-    for k in path:
-        tree = tree[k]
-    return tree
-
-
 def _stats_for(aux, path):
-    """The MoeStats of the MoE layer at ``path`` in a model's aux output."""
-    if hasattr(aux, "moe"):
-        return aux.moe
+    """The MoeStats of the MoE layer at ``path`` in a model's aux output (one MoE stack per model
+    part: the decoder-only stack, or the encoder / decoder of an encoder-decoder)."""
+    stacks = aux.moe_stats()
+    if len(stacks) == 1:
+        return stacks[0]
     return aux.encoder if path[0] == "encoder" else aux.decoder
 
 
 def expert_usage(model: nnx.Module, batches) -> dict:
     """Selection frequency of every router output on calibration ``batches`` (dicts of seqio
     features): ``{layer path: [l, E]}`` (fractions of top-k selections per non-padding token)."""
-    from moejax.training.loss import apply
-
     paths = moe_layer_paths(model)
     sums, n = {p: 0.0 for p in paths}, 0
     for batch in batches:
@@ -111,7 +107,7 @@ def merge_experts(model: nnx.Module, num_experts: int, method: str = "uniform", 
     new = nnx.to_pure_dict(nnx.state(new_model, nnx.Param))
     moe_paths = moe_layer_paths(model)
     for path in moe_paths:
-        src, dst = _get(old, path), _get(new, path)
+        src, dst = get_path(old, path), get_path(new, path)
         experts = {k: np.asarray(v) for k, v in src["experts"].items()}
         router = {k: np.asarray(v) for k, v in src["router"].items()}
         n_l = next(iter(experts.values())).shape[0]
@@ -136,13 +132,13 @@ def merge_experts(model: nnx.Module, num_experts: int, method: str = "uniform", 
         dst["experts"] = {k: jnp.asarray(v) for k, v in merged.items()}
         dst["router"] = {k: jnp.asarray(v) for k, v in new_router.items()}
     flat_new = nnx.state(new_model, nnx.Param)
-    copied = _copy_rest(old, new, moe_paths)
+    copied = copy_non_moe_params(old, new, moe_paths)
     nnx.replace_by_pure_dict(flat_new, copied)
     nnx.update(new_model, flat_new)
     return new_model
 
 
-def _copy_rest(old: dict, new: dict, moe_paths) -> dict:
+def copy_non_moe_params(old: dict, new: dict, moe_paths) -> dict:
     """``new`` with every non-MoE param taken from ``old`` (MoE layers already filled in)."""
     def walk(o, n, path):
         if isinstance(n, dict):

@@ -5,7 +5,7 @@ int4) weights with float32 scales per output channel (or per ``group_size`` inpu
 channel); the expert matmuls cast the int weights and apply the scales to the matmul output, so
 XLA fuses the dequantization into the dot. Everything else (attention, embeddings, router) stays
 in floating point. The quantized config (``MoeConfig.quant_bits``) round-trips through
-``moejax.convert.checkpoint.save`` / ``restore``.
+``moejax.save`` / ``moejax.load``.
 
 Why not qwix / aqtp: both quantize by intercepting ops matched by module-path regexes; moejax keys
 no behaviour on parameter names and needs only this narrow, exactly testable transform of the
@@ -18,9 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from moejax.inference.merging import _copy_rest, _get, moe_layer_paths
-from moejax.models.params import build_model
-from moejax.moe.experts import QUANT_BITS, quantize_weight
+from moejax.inference.merging import copy_non_moe_params, moe_layer_paths
+from moejax.models.build import build_model
+from moejax.moe.experts import quantize_weight
+from moejax.moe.options import QUANT_BITS
+from moejax.tree import get_path
 
 
 def quantize_model(model: nnx.Module, bits: int = 8, group_size: int | None = None) -> nnx.Module:
@@ -36,14 +38,15 @@ def quantize_model(model: nnx.Module, bits: int = 8, group_size: int | None = No
         raise ValueError("quantizing hierarchical (inner MoE) experts is not supported")
     for din in {cfg.moe.d_model, cfg.moe.d_ff}:
         if group_size is not None and (group_size < 1 or din % group_size):
-            raise ValueError(f"group_size={group_size} must divide d_model and d_ff ({cfg.moe.d_model}, {cfg.moe.d_ff})")
+            raise ValueError(f"group_size={group_size} must divide d_model and d_ff "
+                             f"({cfg.moe.d_model}, {cfg.moe.d_ff})")
     new_model = build_model(cfg.replace(moe=cfg.moe.replace(quant_bits=bits, quant_group_size=group_size)),
                             nnx.Rngs(0))
     old = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     new = nnx.to_pure_dict(nnx.state(new_model, nnx.Param))
     paths = moe_layer_paths(model)
     for path in paths:
-        src, dst = _get(old, path), _get(new, path)
+        src, dst = get_path(old, path), get_path(new, path)
         dst["router"] = src["router"]
         for k, v in src["experts"].items():
             if k + "_scale" in dst["experts"]:
@@ -54,7 +57,7 @@ def quantize_model(model: nnx.Module, bits: int = 8, group_size: int | None = No
         if "shared" in src:
             dst["shared"] = src["shared"]
     state = nnx.state(new_model, nnx.Param)
-    nnx.replace_by_pure_dict(state, _copy_rest(old, new, paths))
+    nnx.replace_by_pure_dict(state, copy_non_moe_params(old, new, paths))
     nnx.update(new_model, state)
     return new_model
 

@@ -15,8 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from moejax.inference.merging import _copy_rest, _get, moe_layer_paths
-from moejax.models.params import build_model
+from moejax.inference.merging import copy_non_moe_params, moe_layer_paths
+from moejax.models.build import build_model
+from moejax.tree import get_path
 
 
 def experts_of_task(model: nnx.Module, task_id: int) -> dict:
@@ -25,7 +26,7 @@ def experts_of_task(model: nnx.Module, task_id: int) -> dict:
     out = {}
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     for path in moe_layer_paths(model):
-        table = jnp.asarray(_get(params, path)["router"]["table"])            # [l, tasks, e]
+        table = jnp.asarray(get_path(params, path)["router"]["table"])            # [l, tasks, e]
         out[path] = np.asarray(jax.lax.top_k(table[:, task_id], moe.top_k)[1])
     return out
 
@@ -34,7 +35,7 @@ def extract_task_model(model: nnx.Module, task_id: int) -> nnx.Module:
     """The standalone model serving task ``task_id`` (see the module docstring)."""
     cfg = model.cfg
     moe = cfg.moe
-    if moe is None or moe.router != "task":
+    if moe is None or not moe.uses_task_ids:
         raise ValueError("extracting a task's sub-network needs a model with MoeConfig(router='task')")
     if not 0 <= int(task_id) < moe.num_tasks:
         raise ValueError(f"task {task_id} is unknown to the router, which knows tasks 0..{moe.num_tasks - 1}")
@@ -47,7 +48,7 @@ def extract_task_model(model: nnx.Module, task_id: int) -> nnx.Module:
     chosen = experts_of_task(model, task_id)
     paths = moe_layer_paths(model)
     for path in paths:
-        src, dst = _get(old, path), _get(new, path)
+        src, dst = get_path(old, path), get_path(new, path)
         sel = chosen[path]                                                      # [l, k]
         def take(a, sel=sel):
             return np.take_along_axis(np.asarray(a), sel.reshape(sel.shape + (1,) * (np.ndim(a) - 2)), axis=1)
@@ -59,6 +60,6 @@ def extract_task_model(model: nnx.Module, task_id: int) -> nnx.Module:
             if extra in src:
                 dst[extra] = src[extra]
     state = nnx.state(new_model, nnx.Param)
-    nnx.replace_by_pure_dict(state, _copy_rest(old, new, paths))
+    nnx.replace_by_pure_dict(state, copy_non_moe_params(old, new, paths))
     nnx.update(new_model, state)
     return new_model

@@ -1,4 +1,5 @@
-"""DecoderConfig: decoder-only (Llama / Mixtral / OpenMoE style) model configuration."""
+"""Model configs: :class:`DecoderConfig` (decoder-only: Llama / Mistral / Mixtral / OpenMoE) and
+:class:`EncDecConfig` (encoder-decoder: T5 / Switch / NLLB-MoE), plain validated dataclasses."""
 
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ class DecoderConfig:
     Layout: with ``moe`` set, block ``i`` is sparse when ``(i + 1) % moe_every == 0``
     (``moe_every=1``: every block, Mixtral). ``moe_extra_mlp`` adds OpenMoE's residual dense MLP
     after each MoE FFN. ``attn_scale`` multiplies the attention scores (None: ``head_dim**-0.5``;
-    OpenMoE, trained in T5X with the scale folded into the query init, uses 1.0). Layers are stacked in periods of ``moe_every`` blocks and scanned, so
-    compile time does not grow with depth; ``num_layers`` must be a multiple of ``moe_every``.
+    OpenMoE, trained in T5X with the scale folded into the query init, uses 1.0). Layers are stacked
+    in periods of ``moe_every`` blocks and scanned, so compile time does not grow with depth;
+    ``num_layers`` must be a multiple of ``moe_every``.
     """
 
     vocab_size: int = 256
@@ -67,3 +69,113 @@ class DecoderConfig:
             if self.moe.d_model != self.d_model:
                 raise ValueError(f"moe.d_model={self.moe.d_model} must equal d_model={self.d_model}")
         return self
+
+
+@dataclasses.dataclass(frozen=True)
+class EncDecConfig:
+    """Encoder-decoder config. With ``moe`` set, block ``i`` of the encoder (decoder) is sparse
+    when ``i % every == moe_offset % every`` with ``every = encoder_moe_every``
+    (``decoder_moe_every``). The default offset -1 gives ``(i + 1) % every == 0`` (Switch with
+    every=2: the odd blocks; NLLB with every=4: blocks 3, 7, ...); HF Switch checkpoints with a
+    sparse step > 2 use offset 1 (``i % step == 1``); every=1 makes all blocks sparse (switch-c).
+
+    ``pad_id`` (padding; fairseq / NLLB position ids are offset by it) and ``decoder_start_id`` (the
+    first decoder input when generating: T5 / Switch 0, NLLB the eos id 2) come from the model's
+    vocabulary; the end of a generated sequence is the task vocabulary's ``eos_id``."""
+
+    vocab_size: int = 256
+    d_model: int = 64
+    num_encoder_layers: int = 2
+    num_decoder_layers: int = 2
+    num_heads: int = 4
+    head_dim: int = 16
+    d_ff: int = 128
+    activation: str = "relu"
+    norm_eps: float = 1e-6
+    relpos_buckets: int = 32
+    relpos_max_distance: int = 128
+    tie_embeddings: bool = True
+    moe: MoeConfig | None = None
+    encoder_moe_every: int = 2
+    decoder_moe_every: int = 2
+    moe_offset: int = -1
+    # architecture variants: T5 / Switch (defaults) vs NLLB-MoE / fairseq
+    norm: str = "rms"
+    positions: str = "relative"
+    attn_bias: bool = False
+    attn_scaled: bool = False
+    ffn_bias: bool = False
+    embed_scale: bool = False
+    scale_tied_logits: bool = True
+    pad_id: int = 0
+    decoder_start_id: int = 0
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def replace(self, **kw) -> EncDecConfig:
+        return dataclasses.replace(self, **kw)
+
+    def period(self, decoder: bool) -> int:
+        if self.moe is None:
+            return 1
+        return self.decoder_moe_every if decoder else self.encoder_moe_every
+
+    def is_sparse(self, layer: int, decoder: bool) -> bool:
+        p = self.period(decoder)
+        return self.moe is not None and layer % p == self.moe_offset % p
+
+    def validate(self) -> EncDecConfig:
+        for name in ("vocab_size", "d_model", "num_encoder_layers", "num_decoder_layers", "num_heads", "head_dim",
+                     "d_ff", "encoder_moe_every", "decoder_moe_every", "relpos_buckets"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for layers, dec in ((self.num_encoder_layers, False), (self.num_decoder_layers, True)):
+            if layers % self.period(dec):
+                which = "decoder" if dec else "encoder"
+                raise ValueError(f"num_{which}_layers={layers} is not a multiple of {which}_moe_every="
+                                 f"{self.period(dec)}")
+        if self.norm not in ("rms", "layer"):
+            raise ValueError(f"unknown norm {self.norm!r}; valid: rms, layer")
+        if self.positions not in ("relative", "sinusoidal"):
+            raise ValueError(f"unknown positions {self.positions!r}; valid: relative, sinusoidal")
+        if self.moe is not None:
+            self.moe.validate()
+            if self.moe.d_model != self.d_model:
+                raise ValueError(f"moe.d_model={self.moe.d_model} must equal d_model={self.d_model}")
+        return self
+
+
+ModelConfig = DecoderConfig | EncDecConfig
+
+
+def routes_by_task(cfg: ModelConfig) -> bool:
+    """Does the model route by each example's task id (its MoE router reads ``task_ids [b]``)?"""
+    return cfg.moe is not None and cfg.moe.uses_task_ids
+
+
+def override(cfg, overrides: dict):
+    """``cfg`` with ``overrides`` applied, each key a field name or a dotted path into nested config
+    dataclasses (``{'d_model': 32, 'moe.expert_dropout': 0.2, 'moe.inner.top_k': 1}``); the result
+    is not validated (the caller validates once). An unknown field, or a path through a field that is
+    None or not a config, is a ValueError naming it and the valid fields.
+    """
+    nested: dict[str, dict] = {}
+    top: dict = {}
+    for key, value in overrides.items():
+        head, _, rest = str(key).partition(".")
+        names = [f.name for f in dataclasses.fields(cfg)]
+        if head not in names:
+            raise ValueError(f"unknown {type(cfg).__name__} field {head!r} in override {key!r}; "
+                             f"valid: {', '.join(names)}")
+        if rest:
+            nested.setdefault(head, {})[rest] = value
+        else:
+            top[head] = value
+    for head, sub in nested.items():
+        inner = top.get(head, getattr(cfg, head))
+        if not dataclasses.is_dataclass(inner):
+            raise ValueError(f"cannot override {', '.join(head + '.' + k for k in sub)}: {type(cfg).__name__}.{head} "
+                             f"is {inner!r}, not a config")
+        top[head] = override(inner, sub)
+    return dataclasses.replace(cfg, **top) if top else cfg
+

@@ -1,4 +1,4 @@
-"""Decoder-only transformer (Llama dense, Mixtral, OpenMoE) with scanned layer periods.
+"""Decoder-only transformer (Llama / Mistral dense, Mixtral, OpenMoE) with scanned layer periods.
 
 Letters: ``b`` batch, ``s`` sequence, ``d`` d_model, ``v`` vocab, ``l`` scanned periods.
 """
@@ -7,27 +7,13 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from flax import nnx, struct
+from flax import nnx
 
 from moejax.models.config import DecoderConfig
-from moejax.models.layers import Attention, Embed, KVCache, Mlp, RMSNorm
-from moejax.moe import MoeLayer, MoeStats
+from moejax.models.layers import Attention, Embed, Mlp, RMSNorm
+from moejax.models.stack import DecoderAux, Period, empty_caches, scan_periods
+from moejax.moe import MoeLayer
 from moejax.sharding import stack_modules
-
-
-@struct.dataclass
-class DecoderAux:
-    """Per-call extras: ``moe`` holds each sparse block's :class:`MoeStats` stacked on a leading
-    ``[l]`` axis (None for dense models); the loss helpers sum over it."""
-
-    moe: MoeStats | None
-
-    def load_balancing_loss(self) -> jax.Array:
-        """Mean over the sparse layers (k at perfect balance, see MoeStats)."""
-        return jnp.zeros(()) if self.moe is None else jnp.mean(self.moe.load_balancing_loss)
-
-    def router_z_loss(self) -> jax.Array:
-        return jnp.zeros(()) if self.moe is None else jnp.mean(self.moe.router_z_loss)
 
 
 class DecoderBlock(nnx.Module):
@@ -37,8 +23,8 @@ class DecoderBlock(nnx.Module):
     def __init__(self, cfg: DecoderConfig, sparse: bool, *, rngs: nnx.Rngs):
         self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
         self.attn = Attention(cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, rope_theta=cfg.rope_theta,
-                              sliding_window=cfg.sliding_window, scale=cfg.attn_scale, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                              rngs=rngs)
+                              sliding_window=cfg.sliding_window, scale=cfg.attn_scale, dtype=cfg.dtype,
+                              param_dtype=cfg.param_dtype, rngs=rngs)
         self.ffn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
         self.sparse = sparse
         self.ffn = MoeLayer(cfg.moe, rngs=rngs) if sparse else Mlp(
@@ -67,44 +53,6 @@ class DecoderBlock(nnx.Module):
         return x, stats, cache
 
 
-class Period(nnx.Module):
-    """``moe_every`` consecutive blocks (the last one sparse when the model has MoE)."""
-
-    def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
-        self.blocks = nnx.List([DecoderBlock(cfg, cfg.is_sparse(j), rngs=rngs) for j in range(cfg.period)])
-
-    def __call__(self, x, *, positions, padding_mask, deterministic, caches=None, task_ids=None):
-        """``caches``: a tuple with one KVCache per block (or None)."""
-        stats = None
-        new = []
-        for j, block in enumerate(self.blocks):
-            x, s, c = block(x, positions=positions, padding_mask=padding_mask, deterministic=deterministic,
-                            cache=None if caches is None else caches[j], task_ids=task_ids)
-            stats = s if s is not None else stats
-            new.append(c)
-        return x, stats, (None if caches is None else tuple(new))
-
-
-def scan_periods(stack: nnx.Module, x: jax.Array, caches, deterministic: bool, **kw):
-    """Apply stacked periods with ``jax.lax.scan``: ``(x, stacked stats, new caches)``.
-
-    ``caches`` (or None) are scanned alongside the params; the periods' advanced RNG state is
-    written back in training.
-    """
-    graphdef, state = nnx.split(stack)
-
-    def body(x, xs):
-        st, cache_l = xs
-        period = nnx.merge(graphdef, st)
-        x, stats, cache_l = period(x, caches=cache_l, deterministic=deterministic, **kw)
-        return x, (stats, cache_l, nnx.state(period, nnx.RngState))
-
-    x, (stats, caches, new_rng) = jax.lax.scan(body, x, (state, caches))
-    if not deterministic:
-        nnx.update(stack, new_rng)
-    return x, stats, caches
-
-
 class Decoder(nnx.Module):
     """``logits, aux = model(ids, positions=None, padding_mask=None, deterministic=True)``.
 
@@ -116,7 +64,9 @@ class Decoder(nnx.Module):
         cfg.validate()
         self.cfg = cfg
         self.embed = Embed(cfg.vocab_size, cfg.d_model, param_dtype=cfg.param_dtype, rngs=rngs)
-        self.stack = stack_modules(lambda r: Period(cfg, rngs=r), cfg.num_layers // cfg.period, rngs, "layers")
+        self.stack = stack_modules(
+            lambda r: Period([DecoderBlock(cfg, cfg.is_sparse(j), rngs=r) for j in range(cfg.period)]),
+            cfg.num_layers // cfg.period, rngs, "layers")
         self.norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
         self.lm_head = None if cfg.tie_embeddings else nnx.Param(
             nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")(
@@ -134,9 +84,8 @@ class Decoder(nnx.Module):
     def init_cache(self, batch: int, max_length: int) -> tuple:
         """Empty KV caches, one per block of a period, each stacked on a leading ``[l]`` axis."""
         cfg = self.cfg
-        n = cfg.num_layers // cfg.period
-        one = KVCache.zeros(batch, max_length, cfg.num_kv_heads, cfg.head_dim, cfg.dtype)
-        return tuple(jax.tree.map(lambda z: jnp.broadcast_to(z, (n,) + z.shape), one) for _ in range(cfg.period))
+        return empty_caches(cfg.num_layers // cfg.period, cfg.period, batch, max_length, cfg.num_kv_heads,
+                            cfg.head_dim, cfg.dtype)
 
     def apply_with_cache(self, ids, caches, *, positions=None, padding_mask=None, deterministic=True, task_ids=None):
         """Like ``__call__`` but reads / extends ``caches`` (from :meth:`init_cache`); returns

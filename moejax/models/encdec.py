@@ -10,92 +10,24 @@ length, ``d`` d_model, ``h`` heads, ``x`` head dim, ``v`` vocab.
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import nnx, struct
+from flax import nnx
 
-from moejax.models.decoder import scan_periods
-from moejax.models.layers import Embed, KVCache, LayerNorm, Mlp, RMSNorm, _param, sinusoidal_positions
-from moejax.moe import MoeConfig, MoeLayer, MoeStats
+from moejax.models.config import EncDecConfig
+from moejax.models.layers import Embed, LayerNorm, Mlp, RMSNorm, param, sinusoidal_positions
+from moejax.models.stack import EncDecAux, Period, empty_caches, scan_periods
+from moejax.moe import MoeLayer
 from moejax.sharding import stack_modules
 
 
-@dataclasses.dataclass(frozen=True)
-class EncDecConfig:
-    """Encoder-decoder config. With ``moe`` set, block ``i`` of the encoder (decoder) is sparse
-    when ``i % every == moe_offset % every`` with ``every = encoder_moe_every``
-    (``decoder_moe_every``). The default offset -1 gives ``(i + 1) % every == 0`` (Switch with
-    every=2: the odd blocks; NLLB with every=4: blocks 3, 7, ...); HF Switch checkpoints with a
-    sparse step > 2 use offset 1 (``i % step == 1``); every=1 makes all blocks sparse (switch-c)."""
-
-    vocab_size: int = 256
-    d_model: int = 64
-    num_encoder_layers: int = 2
-    num_decoder_layers: int = 2
-    num_heads: int = 4
-    head_dim: int = 16
-    d_ff: int = 128
-    activation: str = "relu"
-    norm_eps: float = 1e-6
-    relpos_buckets: int = 32
-    relpos_max_distance: int = 128
-    tie_embeddings: bool = True
-    moe: MoeConfig | None = None
-    encoder_moe_every: int = 2
-    decoder_moe_every: int = 2
-    moe_offset: int = -1
-    # architecture variants: T5 / Switch (defaults) vs NLLB-MoE / fairseq
-    norm: str = "rms"
-    positions: str = "relative"
-    attn_bias: bool = False
-    attn_scaled: bool = False
-    ffn_bias: bool = False
-    embed_scale: bool = False
-    scale_tied_logits: bool = True
-    pad_id: int = 0
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    def replace(self, **kw) -> EncDecConfig:
-        return dataclasses.replace(self, **kw)
-
-    def period(self, decoder: bool) -> int:
-        if self.moe is None:
-            return 1
-        return self.decoder_moe_every if decoder else self.encoder_moe_every
-
-    def is_sparse(self, layer: int, decoder: bool) -> bool:
-        p = self.period(decoder)
-        return self.moe is not None and layer % p == self.moe_offset % p
-
-    def validate(self) -> EncDecConfig:
-        for name in ("vocab_size", "d_model", "num_encoder_layers", "num_decoder_layers", "num_heads", "head_dim",
-                     "d_ff", "encoder_moe_every", "decoder_moe_every", "relpos_buckets"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for layers, dec in ((self.num_encoder_layers, False), (self.num_decoder_layers, True)):
-            if layers % self.period(dec):
-                which = "decoder" if dec else "encoder"
-                raise ValueError(f"num_{which}_layers={layers} is not a multiple of {which}_moe_every="
-                                 f"{self.period(dec)}")
-        if self.norm not in ("rms", "layer"):
-            raise ValueError(f"unknown norm {self.norm!r}; valid: rms, layer")
-        if self.positions not in ("relative", "sinusoidal"):
-            raise ValueError(f"unknown positions {self.positions!r}; valid: relative, sinusoidal")
-        if self.moe is not None:
-            self.moe.validate()
-            if self.moe.d_model != self.d_model:
-                raise ValueError(f"moe.d_model={self.moe.d_model} must equal d_model={self.d_model}")
-        return self
-
-    def make_norm(self):
-        if self.norm == "layer":
-            return LayerNorm(self.d_model, eps=self.norm_eps, param_dtype=self.param_dtype)
-        return RMSNorm(self.d_model, eps=self.norm_eps, param_dtype=self.param_dtype)
+def make_norm(cfg: EncDecConfig):
+    """The config's norm: fairseq LayerNorm (``norm='layer'``) or T5 RMSNorm (``'rms'``)."""
+    if cfg.norm == "layer":
+        return LayerNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
+    return RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
 
 
 def relative_position_bucket(rel: jax.Array, bidirectional: bool, num_buckets: int, max_distance: int) -> jax.Array:
@@ -120,7 +52,7 @@ class RelativeBias(nnx.Module):
     """The T5 relative-position bias table ``[buckets, h]``; returns an additive ``[1, h, q, k]``."""
 
     def __init__(self, buckets: int, heads: int, max_distance: int, bidirectional: bool, *, param_dtype, rngs):
-        self.embedding = _param(rngs, nnx.initializers.normal(1.0), (buckets, heads), param_dtype,
+        self.embedding = param(rngs, nnx.initializers.normal(1.0), (buckets, heads), param_dtype,
                                 ("unmodeled", "heads"))
         self.buckets, self.max_distance, self.bidirectional = buckets, max_distance, bidirectional
 
@@ -140,18 +72,18 @@ class T5Attention(nnx.Module):
 
     def __init__(self, d, heads, head_dim, *, use_bias=False, scaled=False, dtype, param_dtype, rngs):
         init = nnx.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=0, out_axis=(1, 2))
-        self.q = _param(rngs, init, (d, heads, head_dim), param_dtype, ("embed", "heads", "kv"))
-        self.k = _param(rngs, init, (d, heads, head_dim), param_dtype, ("embed", "heads", "kv"))
-        self.v = _param(rngs, init, (d, heads, head_dim), param_dtype, ("embed", "heads", "kv"))
+        self.q = param(rngs, init, (d, heads, head_dim), param_dtype, ("embed", "heads", "kv"))
+        self.k = param(rngs, init, (d, heads, head_dim), param_dtype, ("embed", "heads", "kv"))
+        self.v = param(rngs, init, (d, heads, head_dim), param_dtype, ("embed", "heads", "kv"))
         oinit = nnx.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=(0, 1), out_axis=2)
-        self.o = _param(rngs, oinit, (heads, head_dim, d), param_dtype, ("heads", "kv", "embed"))
+        self.o = param(rngs, oinit, (heads, head_dim, d), param_dtype, ("heads", "kv", "embed"))
         self.use_bias, self.scale = use_bias, (head_dim**-0.5 if scaled else 1.0)
         if use_bias:
             z = nnx.initializers.zeros
-            self.q_bias = _param(rngs, z, (heads, head_dim), param_dtype, ("heads", "kv"))
-            self.k_bias = _param(rngs, z, (heads, head_dim), param_dtype, ("heads", "kv"))
-            self.v_bias = _param(rngs, z, (heads, head_dim), param_dtype, ("heads", "kv"))
-            self.o_bias = _param(rngs, z, (d,), param_dtype, ("embed",))
+            self.q_bias = param(rngs, z, (heads, head_dim), param_dtype, ("heads", "kv"))
+            self.k_bias = param(rngs, z, (heads, head_dim), param_dtype, ("heads", "kv"))
+            self.v_bias = param(rngs, z, (heads, head_dim), param_dtype, ("heads", "kv"))
+            self.o_bias = param(rngs, z, (d,), param_dtype, ("embed",))
         self.dtype = dtype
 
     def __call__(self, x, kv, bias, mask, cache=None):
@@ -189,11 +121,11 @@ class EncDecBlock(nnx.Module):
     def __init__(self, cfg: EncDecConfig, sparse: bool, decoder: bool, *, rngs: nnx.Rngs):
         kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
         akw = dict(use_bias=cfg.attn_bias, scaled=cfg.attn_scaled, **kw)
-        self.self_norm = cfg.make_norm()
+        self.self_norm = make_norm(cfg)
         self.self_attn = T5Attention(cfg.d_model, cfg.num_heads, cfg.head_dim, **akw)
-        self.cross_norm = cfg.make_norm() if decoder else None
+        self.cross_norm = make_norm(cfg) if decoder else None
         self.cross_attn = T5Attention(cfg.d_model, cfg.num_heads, cfg.head_dim, **akw) if decoder else None
-        self.ffn_norm = cfg.make_norm()
+        self.ffn_norm = make_norm(cfg)
         self.sparse = sparse
         self.ffn = MoeLayer(cfg.moe, rngs=rngs) if sparse else Mlp(cfg.d_model, cfg.d_ff, activation=cfg.activation,
                                                                      use_bias=cfg.ffn_bias, **kw)
@@ -217,21 +149,6 @@ class EncDecBlock(nnx.Module):
         return x + y.astype(x.dtype), stats, cache
 
 
-class EncDecPeriod(nnx.Module):
-    def __init__(self, cfg: EncDecConfig, decoder: bool, *, rngs: nnx.Rngs):
-        p = cfg.period(decoder)
-        self.blocks = nnx.List([EncDecBlock(cfg, cfg.is_sparse(j, decoder), decoder, rngs=rngs) for j in range(p)])
-
-    def __call__(self, x, caches=None, **kw):
-        stats = None
-        new = []
-        for j, block in enumerate(self.blocks):
-            x, s, c = block(x, cache=None if caches is None else caches[j], **kw)
-            stats = s if s is not None else stats
-            new.append(c)
-        return x, stats, (None if caches is None else tuple(new))
-
-
 class Stack(nnx.Module):
     """An encoder or decoder stack: relative bias table, scanned periods, final norm."""
 
@@ -239,9 +156,11 @@ class Stack(nnx.Module):
         layers = cfg.num_decoder_layers if decoder else cfg.num_encoder_layers
         self.relpos = RelativeBias(cfg.relpos_buckets, cfg.num_heads, cfg.relpos_max_distance, not decoder,
                                    param_dtype=cfg.param_dtype, rngs=rngs) if cfg.positions == "relative" else None
-        self.stack = stack_modules(lambda r: EncDecPeriod(cfg, decoder, rngs=r), layers // cfg.period(decoder),
-                                   rngs, "layers")
-        self.final_norm = cfg.make_norm()
+        self.stack = stack_modules(
+            lambda r: Period([EncDecBlock(cfg, cfg.is_sparse(j, decoder), decoder, rngs=r)
+                              for j in range(cfg.period(decoder))]),
+            layers // cfg.period(decoder), rngs, "layers")
+        self.final_norm = make_norm(cfg)
         self.decoder = decoder
 
     def __call__(self, x, *, mask, padding_mask, enc=None, enc_mask=None, deterministic=True, caches=None,
@@ -263,22 +182,6 @@ class Stack(nnx.Module):
         return self.final_norm(x), stats, caches
 
 
-@struct.dataclass
-class EncDecAux:
-    """MoE stats of the sparse encoder / decoder blocks, stacked on a leading axis (or None)."""
-
-    encoder: MoeStats | None
-    decoder: MoeStats | None
-
-    def load_balancing_loss(self) -> jax.Array:
-        parts = [jnp.mean(s.load_balancing_loss) for s in (self.encoder, self.decoder) if s is not None]
-        return sum(parts) / len(parts) if parts else jnp.zeros(())
-
-    def router_z_loss(self) -> jax.Array:
-        parts = [jnp.mean(s.router_z_loss) for s in (self.encoder, self.decoder) if s is not None]
-        return sum(parts) / len(parts) if parts else jnp.zeros(())
-
-
 class EncoderDecoder(nnx.Module):
     """``logits, aux = model(encoder_ids [b, t], decoder_ids [b, s], encoder_mask=None,
     decoder_mask=None, deterministic=True)`` with ``logits [b, s, v]`` float32.
@@ -292,7 +195,7 @@ class EncoderDecoder(nnx.Module):
         self.embed = Embed(cfg.vocab_size, cfg.d_model, param_dtype=cfg.param_dtype, rngs=rngs)
         self.encoder = Stack(cfg, False, rngs=rngs)
         self.decoder = Stack(cfg, True, rngs=rngs)
-        self.lm_head = None if cfg.tie_embeddings else _param(
+        self.lm_head = None if cfg.tie_embeddings else param(
             rngs, nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal"),
             (cfg.d_model, cfg.vocab_size), cfg.param_dtype, ("embed", "vocab"))
 
@@ -319,9 +222,8 @@ class EncoderDecoder(nnx.Module):
     def init_cache(self, batch: int, max_length: int) -> tuple:
         """Empty decoder self-attention caches (one per block of a period, stacked over periods)."""
         cfg = self.cfg
-        n = cfg.num_decoder_layers // cfg.period(True)
-        one = KVCache.zeros(batch, max_length, cfg.num_heads, cfg.head_dim, cfg.dtype)
-        return tuple(jax.tree.map(lambda z: jnp.broadcast_to(z, (n,) + z.shape), one) for _ in range(cfg.period(True)))
+        return empty_caches(cfg.num_decoder_layers // cfg.period(True), cfg.period(True), batch, max_length,
+                            cfg.num_heads, cfg.head_dim, cfg.dtype)
 
     def decode(self, enc, enc_mask, ids, mask=None, deterministic=True, caches=None, task_ids=None):
         """Teacher-forced decoder pass -> ``(logits [b, s, v], decoder MoeStats)``; with ``caches``

@@ -13,7 +13,8 @@ from flax import nnx, struct
 from moejax.moe.experts import activation_fn, gate_width
 
 
-def _param(rngs, init, shape, dtype, axes):
+def param(rngs, init, shape, dtype, axes):
+    """An ``nnx.Param`` of ``init(rngs.params(), shape, dtype)`` with ``logical_axes`` metadata."""
     return nnx.Param(init(rngs.params(), shape, dtype), logical_axes=axes)
 
 
@@ -65,7 +66,7 @@ class Embed(nnx.Module):
     """Token embedding ``[v, d]`` (logical ``('vocab', 'embed')``); ``attend`` gives tied logits."""
 
     def __init__(self, vocab: int, d: int, *, param_dtype=jnp.float32, init_std: float = 1.0, rngs: nnx.Rngs):
-        self.embedding = _param(rngs, nnx.initializers.normal(init_std), (vocab, d), param_dtype, ("vocab", "embed"))
+        self.embedding = param(rngs, nnx.initializers.normal(init_std), (vocab, d), param_dtype, ("vocab", "embed"))
 
     def __call__(self, ids: jax.Array, dtype=jnp.float32) -> jax.Array:
         """``ids [b, s]`` int -> ``[b, s, d]``."""
@@ -106,18 +107,18 @@ class Attention(nnx.Module):
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}")
         init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=0, out_axis=(1, 2))
-        self.q = _param(rngs, init, (d, num_heads, head_dim), param_dtype, ("embed", "heads", "kv"))
-        self.k = _param(rngs, init, (d, num_kv_heads, head_dim), param_dtype, ("embed", "heads", "kv"))
-        self.v = _param(rngs, init, (d, num_kv_heads, head_dim), param_dtype, ("embed", "heads", "kv"))
+        self.q = param(rngs, init, (d, num_heads, head_dim), param_dtype, ("embed", "heads", "kv"))
+        self.k = param(rngs, init, (d, num_kv_heads, head_dim), param_dtype, ("embed", "heads", "kv"))
+        self.v = param(rngs, init, (d, num_kv_heads, head_dim), param_dtype, ("embed", "heads", "kv"))
         oinit = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=(0, 1), out_axis=2)
-        self.o = _param(rngs, oinit, (num_heads, head_dim, d), param_dtype, ("heads", "kv", "embed"))
+        self.o = param(rngs, oinit, (num_heads, head_dim, d), param_dtype, ("heads", "kv", "embed"))
         self.use_bias = use_bias
         if use_bias:
             z = nnx.initializers.zeros
-            self.q_bias = _param(rngs, z, (num_heads, head_dim), param_dtype, ("heads", "kv"))
-            self.k_bias = _param(rngs, z, (num_kv_heads, head_dim), param_dtype, ("heads", "kv"))
-            self.v_bias = _param(rngs, z, (num_kv_heads, head_dim), param_dtype, ("heads", "kv"))
-            self.o_bias = _param(rngs, z, (d,), param_dtype, ("embed",))
+            self.q_bias = param(rngs, z, (num_heads, head_dim), param_dtype, ("heads", "kv"))
+            self.k_bias = param(rngs, z, (num_kv_heads, head_dim), param_dtype, ("heads", "kv"))
+            self.v_bias = param(rngs, z, (num_kv_heads, head_dim), param_dtype, ("heads", "kv"))
+            self.o_bias = param(rngs, z, (d,), param_dtype, ("embed",))
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.rope_theta, self.sliding_window, self.dtype = rope_theta, sliding_window, dtype
         self.scale = head_dim**-0.5 if scale is None else float(scale)
@@ -201,15 +202,15 @@ class Mlp(nnx.Module):
         self.act, self.gated = activation_fn(activation)
         init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
         if self.gated:
-            self.wi_0 = _param(rngs, init, (d, f * gate_width(activation)), param_dtype, ("embed", "mlp"))
-            self.wi_1 = _param(rngs, init, (d, f), param_dtype, ("embed", "mlp"))
+            self.wi_0 = param(rngs, init, (d, f * gate_width(activation)), param_dtype, ("embed", "mlp"))
+            self.wi_1 = param(rngs, init, (d, f), param_dtype, ("embed", "mlp"))
         else:
-            self.wi = _param(rngs, init, (d, f), param_dtype, ("embed", "mlp"))
-        self.wo = _param(rngs, init, (f, d), param_dtype, ("mlp", "embed"))
+            self.wi = param(rngs, init, (d, f), param_dtype, ("embed", "mlp"))
+        self.wo = param(rngs, init, (f, d), param_dtype, ("mlp", "embed"))
         self.use_bias = use_bias
         if use_bias:
-            self.bi = _param(rngs, nnx.initializers.zeros, (f,), param_dtype, ("mlp",))
-            self.bo = _param(rngs, nnx.initializers.zeros, (d,), param_dtype, ("embed",))
+            self.bi = param(rngs, nnx.initializers.zeros, (f,), param_dtype, ("mlp",))
+            self.bo = param(rngs, nnx.initializers.zeros, (d,), param_dtype, ("embed",))
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:

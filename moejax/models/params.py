@@ -1,9 +1,10 @@
-"""Exact parameter accounting from abstract shapes (nothing allocated), and per-device bytes.
+"""Exact parameter accounting from abstract shapes (nothing allocated).
 
 Components are read from module types and logical axes, never from parameter names:
 routed experts (params of a MoE layer's experts), router, attention, embeddings (params with a
 ``vocab`` axis), dense FFN, norms. Active parameters per token count a MoE layer's routed experts
-at ``min(top_k, num_experts) / num_experts`` (merged experts: at most one per choice) (recursively for hierarchical MoE).
+at ``min(top_k, num_experts) / num_experts`` (merged experts: at most one per choice; recursively
+for hierarchical MoE). Per-device bytes on a mesh are :mod:`moejax.layout`'s job.
 """
 
 from __future__ import annotations
@@ -12,15 +13,15 @@ import dataclasses
 import math
 from typing import Any
 
-import jax
 import numpy as np
 from flax import nnx
 
+from moejax.models.build import abstract_model
 from moejax.models.encdec import RelativeBias, T5Attention
 from moejax.models.layers import Attention, Embed, Mlp, RMSNorm
 from moejax.moe import MoeLayer, Router
 from moejax.moe.experts import DenseFFN
-from moejax.sharding import DEFAULT_RULES, Rules, logical_to_spec, spec_divisor
+from moejax.tree import var_value
 
 
 @dataclasses.dataclass
@@ -37,33 +38,14 @@ class ParamReport:
         return "| parameters | count | |\n|---|---|---|\n" + "\n".join(rows)
 
 
-def build_model(cfg, rngs: nnx.Rngs | None = None) -> nnx.Module:
-    """The model class a config describes (Decoder or EncoderDecoder)."""
-    from moejax.models.decoder import Decoder
-    from moejax.models.encdec import EncDecConfig, EncoderDecoder
-
-    cls = EncoderDecoder if isinstance(cfg, EncDecConfig) else Decoder
-    return cls(cfg, rngs=rngs or nnx.Rngs(0))
-
-
-def abstract_model(factory) -> nnx.Module:
-    """Build ``factory()`` with shapes only (``nnx.eval_shape``: no memory allocated)."""
-    return nnx.eval_shape(factory)
-
-
 def _own_params(module: nnx.Module):
     for name, value in vars(module).items():
         if isinstance(value, nnx.Param):
             yield name, value
 
 
-def _val(var):
-    """The value (array or ShapeDtypeStruct) of a variable, across flax 0.12.x."""
-    return var.get_value() if hasattr(var, "get_value") else var.value
-
-
 def _size(var) -> int:
-    return int(math.prod(_val(var).shape))
+    return int(math.prod(var_value(var).shape))
 
 
 def count(model: nnx.Module) -> ParamReport:
@@ -82,7 +64,7 @@ def count(model: nnx.Module) -> ParamReport:
         n = _size(var)
         by[comp] = by.get(comp, 0) + n
         total += n
-        nbytes += n * np.dtype(_val(var).dtype).itemsize
+        nbytes += n * np.dtype(var_value(var).dtype).itemsize
         active += n * frac
 
     types = {Attention: "attention", T5Attention: "attention", RelativeBias: "attention", Embed: "embeddings",
@@ -93,7 +75,8 @@ def count(model: nnx.Module) -> ParamReport:
             walk(module.router, frac, "router")
             if module.shared is not None:
                 walk(module.shared, frac, "shared_experts")
-            walk(module.experts, frac * min(module.cfg.top_k, module.cfg.num_experts) / module.cfg.num_experts, "experts")
+            mc = module.cfg
+            walk(module.experts, frac * min(mc.top_k, mc.num_experts) / mc.num_experts, "experts")
             return
         comp = types.get(type(module), inherited)
         for _, var in _own_params(module):
@@ -109,35 +92,6 @@ def count(model: nnx.Module) -> ParamReport:
     return ParamReport(total=total, active=active, by_component=by, bytes_total=nbytes)
 
 
-def bytes_per_device(model: nnx.Module, mesh_shape: dict[str, int], rules: Rules = DEFAULT_RULES,
-                     optimizer_slots: float = 2.0, optimizer_dtype_bytes: int = 4) -> dict[str, float]:
-    """Bytes per device of params and optimizer state on a mesh of the given shape.
-
-    Uses a ``jax.sharding.AbstractMesh`` (no devices needed). ``optimizer_slots`` = 2 for
-    Adam(W) (two f32 moments per param); a factored Adafactor needs far less.
-    """
-    mesh = jax.sharding.AbstractMesh(tuple(mesh_shape.values()), tuple(mesh_shape.keys()))
-    params = 0.0
-    opt = 0.0
-    replicated: list[str] = []
-    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        axes = var.get_metadata().get("logical_axes")
-        shape = _val(var).shape
-        n = math.prod(shape)
-        shards = 1
-        if axes is not None:
-            spec = logical_to_spec(axes, rules, mesh)
-            shards = math.prod(spec_divisor(spec, mesh, d) for d in range(len(shape)))
-        if shards == 1 and n >= 1 << 24:  # >= 16M elements left whole on every device
-            replicated.append("/".join(map(str, path)))
-        params += n * np.dtype(_val(var).dtype).itemsize / shards
-        opt += n * optimizer_slots * optimizer_dtype_bytes / shards
-    return {"params": params, "optimizer": opt, "devices": math.prod(mesh_shape.values()),
-            "large_replicated": replicated}
-
-
 def report(cfg_or_factory: Any) -> ParamReport:
     """Count a registered config (or a module factory) abstractly."""
-    if callable(cfg_or_factory):
-        return count(abstract_model(cfg_or_factory))
-    return count(abstract_model(lambda: build_model(cfg_or_factory)))
+    return count(abstract_model(cfg_or_factory))

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from moejax.models.config import DecoderConfig
-from moejax.models.encdec import EncDecConfig
+from moejax.models.config import DecoderConfig, EncDecConfig, override
 from moejax.moe import MoeConfig
 
 
@@ -58,7 +57,7 @@ def _nllb(d, f, heads, layers, vocab, experts, every=4) -> EncDecConfig:
                         num_heads=heads, head_dim=d // heads, d_ff=f, activation="relu", norm_eps=1e-5, moe=moe,
                         encoder_moe_every=every, decoder_moe_every=every, norm="layer", positions="sinusoidal",
                         attn_bias=True, attn_scaled=True, ffn_bias=True, embed_scale=True, scale_tied_logits=False,
-                        pad_id=1)
+                        pad_id=1, decoder_start_id=2)
 
 
 REGISTRY: dict[str, Callable[[], DecoderConfig | EncDecConfig]] = {
@@ -105,7 +104,9 @@ def names() -> list[str]:
 
 
 def get_config(name: str, **overrides) -> DecoderConfig | EncDecConfig:
-    """The registered config ``name`` with dataclass field ``overrides`` applied, validated."""
+    """The registered config ``name`` with ``overrides`` applied (field names or dotted paths into
+    the nested configs, e.g. ``get_config('tiny_switch', **{'moe.expert_dropout': 0.2})``; see
+    :func:`moejax.models.config.override`), validated."""
     if name not in REGISTRY:
         raise ValueError(f"unknown model {name!r}; registered models: {', '.join(names())}")
-    return REGISTRY[name]().replace(**overrides).validate()
+    return override(REGISTRY[name](), overrides).validate()

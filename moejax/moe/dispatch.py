@@ -20,16 +20,13 @@ which on an expert-parallel mesh compiles to an all-to-all over the ``expert`` a
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
 
 from moejax.moe.plan import RoutingPlan
 from moejax.sharding import DEFAULT_RULES, Rules, constrain
-
-if TYPE_CHECKING:
-    from moejax.moe.config import MoeConfig
 
 
 class ExpertCall(Protocol):
@@ -60,13 +57,15 @@ def from_experts(buf: jax.Array, rules: Rules) -> jax.Array:
 @dataclasses.dataclass(frozen=True)
 class Backend:
     """Base of the dispatch backends (``rules``: the logical -> mesh axis table of the
-    activation constraints). ``supports_hierarchical``: experts may themselves be MoE layers."""
+    activation constraints). ``supports_hierarchical``: experts may themselves be MoE layers;
+    ``expert_parallel``: the experts' buffers are split over the ``expert`` mesh axis."""
 
     rules: Rules = DEFAULT_RULES
     supports_hierarchical = True
+    expert_parallel = True
 
     @classmethod
-    def check_config(cls, cfg: MoeConfig) -> None:
+    def check_config(cls, cfg) -> None:
         """Raise a ValueError naming the field when ``cfg`` asks for what this backend cannot do."""
         if cfg.inner is not None and not cls.supports_hierarchical:
             raise ValueError(f"hierarchical experts (inner MoE) need backend 'gather' or 'einsum', not "
@@ -112,6 +111,7 @@ class RaggedBackend(Backend):
     ``expert`` mesh axis by this path (use ``gather`` or ``einsum`` for expert parallelism)."""
 
     supports_hierarchical = False
+    expert_parallel = False
 
     def __call__(self, x, plan, experts):
         g, t, d = x.shape

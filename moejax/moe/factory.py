@@ -7,8 +7,6 @@ A new router or backend is a class beside the others plus one entry in a table b
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from flax import nnx
 
 from moejax.moe.dispatch import Backend as BackendBase
@@ -16,9 +14,6 @@ from moejax.moe.dispatch import EinsumBackend, GatherBackend, RaggedBackend
 from moejax.moe.options import Backend, Router, check
 from moejax.moe.routing import ExpertChoiceRouter, NoisyTopKRouter, TaskRouter, TopKRouter
 from moejax.moe.routing import Router as RouterBase
-
-if TYPE_CHECKING:
-    from moejax.moe.config import MoeConfig
 
 ROUTERS: dict[Router, type[RouterBase]] = {
     Router.TOP_K: TopKRouter,
@@ -46,17 +41,17 @@ def backend_class(name: str) -> type[BackendBase]:
     return BACKENDS[Backend(name)]
 
 
-def check_config(cfg: MoeConfig) -> None:
+def check_config(cfg) -> None:
     """Router- and backend-specific validation (each class states what it supports)."""
     router_class(cfg.router).check_config(cfg)
     backend_class(cfg.backend).check_config(cfg)
 
 
-def make_router(cfg: MoeConfig, rngs: nnx.Rngs) -> RouterBase:
+def make_router(cfg, rngs: nnx.Rngs) -> RouterBase:
     """The router module of ``cfg`` (params drawn from ``rngs.params``)."""
     return router_class(cfg.router)(cfg, rngs=rngs)
 
 
-def make_backend(cfg: MoeConfig) -> BackendBase:
+def make_backend(cfg) -> BackendBase:
     """The dispatch backend of ``cfg`` with its activation axis rules."""
     return backend_class(cfg.backend)(cfg.axis_rules)

@@ -22,8 +22,6 @@ state, :meth:`Router.logits`):
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
@@ -32,9 +30,6 @@ from moejax.moe.capacity import assign_slots, layer_capacity
 from moejax.moe.losses import importance_loss, load_balancing_loss, load_loss, router_z_loss
 from moejax.moe.options import SecondExpertPolicy, WeightNorm
 from moejax.moe.plan import ExpertChoicePlan, RoutingPlan, TokenChoicePlan
-
-if TYPE_CHECKING:
-    from moejax.moe.config import MoeConfig
 
 
 @struct.dataclass
@@ -78,11 +73,11 @@ class Router(nnx.Module):
     expert_map: bool = False
     jitter: bool = True
 
-    def __init__(self, cfg: MoeConfig):
+    def __init__(self, cfg):
         self.cfg = cfg
 
     @classmethod
-    def check_config(cls, cfg: MoeConfig) -> None:
+    def check_config(cls, cfg) -> None:
         """Raise a ValueError naming the field when ``cfg`` asks for what this router cannot do."""
         policy = cfg.second_expert_policy
         if policy != SecondExpertPolicy.ALL and not (policy in cls.second_expert_policies and cfg.top_k == 2):
@@ -128,7 +123,7 @@ class LinearRouter(Router):
     experiment asks for bfloat16), cast to float32. Params: ``kernel [d, r]`` (logical
     ``('embed', 'unmodeled')``), optional ``bias [r]``."""
 
-    def __init__(self, cfg: MoeConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg, *, rngs: nnx.Rngs):
         super().__init__(cfg)
         r = cfg.router_width
         self.kernel = nnx.Param(
@@ -146,7 +141,7 @@ class LinearRouter(Router):
         return logits.astype(jnp.float32)
 
 
-def _top_k_plan(cfg: MoeConfig, logits, mask, capacity, deterministic, rng=None) -> TokenChoicePlan:
+def _top_k_plan(cfg, logits, mask, capacity, deterministic, rng=None) -> TokenChoicePlan:
     return top_k_route(logits, k=cfg.top_k, capacity=capacity, token_mask=mask, policy=cfg.second_expert_policy,
                        weight_norm=cfg.weight_norm, batch_prioritized=cfg.batch_prioritized, train=not deterministic,
                        rng=rng, expert_map=None if cfg.expert_map is None else jnp.asarray(cfg.expert_map),
@@ -172,7 +167,7 @@ class NoisyTopKRouter(LinearRouter):
     noisy logits. Params: those of :class:`LinearRouter` plus ``noise_kernel [d, r]`` (zero-init:
     noise std softplus(0) ~ 0.69)."""
 
-    def __init__(self, cfg: MoeConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg, *, rngs: nnx.Rngs):
         super().__init__(cfg, rngs=rngs)
         self.noise_kernel = nnx.Param(jnp.zeros((cfg.d_model, cfg.router_width), cfg.param_dtype),
                                       logical_axes=("embed", "unmodeled"))
@@ -219,7 +214,7 @@ class TaskRouter(Router):
     expert_map = True
     jitter = False
 
-    def __init__(self, cfg: MoeConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg, *, rngs: nnx.Rngs):
         super().__init__(cfg)
         self.table = nnx.Param(
             jax.random.normal(rngs.params(), (cfg.num_tasks, cfg.router_width), jnp.float32).astype(cfg.param_dtype)
@@ -227,7 +222,7 @@ class TaskRouter(Router):
         self.num_tasks = cfg.num_tasks
 
     @classmethod
-    def check_config(cls, cfg: MoeConfig) -> None:
+    def check_config(cls, cfg) -> None:
         super().check_config(cfg)
         if cfg.num_tasks < 1 or not cfg.dropless or cfg.weight_norm != WeightNorm.TOPK:
             raise ValueError(f"router='task' needs num_tasks >= 1 (got {cfg.num_tasks}), dropless=True and "

@@ -14,7 +14,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from moejax.training.upcycle import _flat, _key
+from moejax.tree import flatten, path_key
 
 
 def init_student_from_teacher(student_params, teacher_params, expert_init: str = "random"):
@@ -22,12 +22,12 @@ def init_student_from_teacher(student_params, teacher_params, expert_init: str =
     copied in; returns ``(params, copied, total)`` leaf counts."""
     if expert_init not in ("random", "mean"):
         raise ValueError(f"unknown expert_init {expert_init!r}; valid: 'random', 'mean'")
-    teacher = _flat(teacher_params)
+    teacher = flatten(teacher_params)
     t_keys = list(teacher)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(student_params)
     out, copied = [], 0
     for path, fresh in leaves:
-        key = _key(path)
+        key = path_key(path)
         value = None
         if "blocks" in key:
             i = key.index("blocks")

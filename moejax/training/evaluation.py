@@ -14,6 +14,7 @@ import seqio
 from moejax.data import batches as data
 from moejax.distributed import replicated, to_host
 from moejax.inference.decode import generate, generate_encdec
+from moejax.models.config import EncDecConfig, routes_by_task
 from moejax.training.writers import MetricWriter
 
 
@@ -33,7 +34,8 @@ def _pad(rows, length, left=False):
     return out
 
 
-def _cut(ids, eos=1):
+def _cut(ids, eos: int):
+    """``ids`` up to (not including) the first ``eos``."""
     ids = list(np.asarray(ids))
     return ids[:ids.index(eos)] if eos in ids else ids
 
@@ -41,9 +43,10 @@ def _cut(ids, eos=1):
 def predict_task(fns, params, model_cfg, task: seqio.Task, cfg, split: str, max_examples: int,
                  task_id: int | None = None) -> list[dict]:
     """Greedy predictions for up to ``max_examples`` of ``task``'s ``split``: rows with ``inputs``,
-    ``target`` and ``prediction`` strings. ``task_id``: the task's index for task-level routing."""
-    from moejax.models.encdec import EncDecConfig
+    ``target`` and ``prediction`` strings. ``task_id``: the task's index for task-level routing.
 
+    Encoder-decoder decoding starts from the model's ``decoder_start_id`` (T5 0, NLLB 2); targets
+    and predictions end at the task vocabulary's ``eos_id``."""
     lengths = {k: int(v) for k, v in cfg.task_feature_lengths.items() if k in task.output_features}
     if "inputs" not in lengths:
         return []
@@ -65,7 +68,8 @@ def predict_task(fns, params, model_cfg, task: seqio.Task, cfg, split: str, max_
             tids = None if task_id is None else replicated(np.full((bs,), task_id, np.int32), fns.mesh)
             if isinstance(model_cfg, EncDecConfig):
                 enc = replicated(_pad([e["inputs"] for e in chunk], lengths["inputs"]), fns.mesh)
-                out = generate_encdec(model, enc, n_new, start_id=0, encoder_mask=enc > 0, task_ids=tids)
+                out = generate_encdec(model, enc, n_new, start_id=model_cfg.decoder_start_id, encoder_mask=enc > 0,
+                                      task_ids=tids)
             else:
                 prompt = replicated(_pad([e["inputs"] for e in chunk], lengths["inputs"], left=True), fns.mesh)
                 out = generate(model, prompt, n_new, prompt_mask=prompt > 0, task_ids=tids)[:, prompt.shape[1]:]
@@ -73,22 +77,19 @@ def predict_task(fns, params, model_cfg, task: seqio.Task, cfg, split: str, max_
             for e, o in zip(chunk[:real], out[:real]):
                 rows.append({"inputs": e["inputs_pretokenized"].decode() if "inputs_pretokenized" in e else "",
                              "target": e["targets_pretokenized"].decode() if "targets_pretokenized" in e
-                             else vocab.decode(_cut(e["targets"])),
-                             "prediction": vocab.decode([int(t) for t in _cut(o)])})
+                             else vocab.decode(_cut(e["targets"], vocab.eos_id)),
+                             "prediction": vocab.decode([int(t) for t in _cut(o, vocab.eos_id)])})
     return rows
 
 
 def evaluate(model_dir: str, fns, params, model_cfg, cfg, step: int) -> dict:
     """Eval loss over ``cfg.eval_batches`` validation batches and every task's metrics."""
-    from moejax.models.encdec import EncDecConfig
-
     name = cfg.eval_mixture_or_task or cfg.mixture_or_task
     results = {}
-    from moejax.training.trainer import task_routed
-
-    routed = task_routed(model_cfg)
-    ds = data.dataset(name, cfg.task_feature_lengths, cfg.batch_size, encoder_decoder=isinstance(model_cfg, EncDecConfig),
-                      split="validation", shuffle=False, repeat=True, seed=cfg.seed,
+    routed = routes_by_task(model_cfg)
+    ds = data.dataset(name, cfg.task_feature_lengths, cfg.batch_size,
+                      encoder_decoder=isinstance(model_cfg, EncDecConfig), split="validation", shuffle=False,
+                      repeat=True, seed=cfg.seed,
                       with_task_ids=routed, data_shards=getattr(cfg, "data_shards", None)).take(cfg.eval_batches)
     losses = []
     with jax.set_mesh(fns.mesh):

@@ -8,24 +8,14 @@ the same without the encoder input.
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 
-from moejax.models.encdec import EncoderDecoder
+from moejax.models.forward import apply, forward
+from moejax.models.stack import mean_over_layers
+from moejax.training.config import LossConfig
 
-
-@dataclasses.dataclass(frozen=True)
-class LossConfig:
-    """``z_loss``: T5X output-logit z-loss factor (``z_loss * logsumexp(logits)^2``);
-    ``label_smoothing``; ``aux_loss_factor`` x load-balancing loss; ``router_z_loss_factor`` x
-    router z-loss (Switch / ST-MoE defaults 0.01 and 0.001)."""
-
-    z_loss: float = 1e-4
-    label_smoothing: float = 0.0
-    aux_loss_factor: float = 0.01
-    router_z_loss_factor: float = 0.001
+__all__ = ["LossConfig", "apply", "cross_entropy", "distill_kl", "forward", "loss_fn", "moe_metrics"]
 
 
 def cross_entropy(logits, targets, weights, z_loss: float = 0.0, label_smoothing: float = 0.0):
@@ -49,35 +39,14 @@ def cross_entropy(logits, targets, weights, z_loss: float = 0.0, label_smoothing
     return jnp.sum(ce * w), jnp.sum(z * w), jnp.sum(correct * w), jnp.sum(w)
 
 
-def apply(model, batch, deterministic: bool):
-    """Run the model on a batch of seqio features -> ``(logits [b, s, v], aux)`` (the model's own
-    aux: ``EncDecAux`` or ``DecoderAux``); a ``task_ids [b]`` entry is passed on."""
-    dec_mask = batch["decoder_target_tokens"] > 0
-    tids = batch.get("task_ids")
-    if isinstance(model, EncoderDecoder):
-        enc = batch["encoder_input_tokens"]
-        return model(enc, batch["decoder_input_tokens"], encoder_mask=enc > 0, decoder_mask=dec_mask,
-                     deterministic=deterministic, task_ids=tids)
-    return model(batch["decoder_input_tokens"], padding_mask=dec_mask, deterministic=deterministic, task_ids=tids)
-
-
-def forward(model, batch, deterministic: bool):
-    """:func:`apply` -> ``(logits [b, s, v], list of MoeStats)`` of the sparse stacks."""
-    logits, aux = apply(model, batch, deterministic)
-    if isinstance(model, EncoderDecoder):
-        return logits, [s for s in (aux.encoder, aux.decoder) if s is not None]
-    return logits, [] if aux.moe is None else [aux.moe]
-
-
 def moe_metrics(stats) -> dict:
     """Mean over every sparse layer of the losses and routing metrics (zeros for dense models)."""
     if not stats:
         z = jnp.zeros(())
         return {"load_balancing_loss": z, "router_z_loss": z, "tokens_dropped_fraction": z, "dropped_fraction": z,
                 "router_entropy": z, "router_confidence": z}
-    cat = lambda name: jnp.concatenate([jnp.ravel(getattr(s, name)) for s in stats])
-    out = {k: jnp.mean(cat(k)) for k in ("load_balancing_loss", "router_z_loss", "tokens_dropped_fraction",
-                                         "dropped_fraction", "router_entropy", "router_confidence")}
+    out = {k: mean_over_layers(stats, k) for k in ("load_balancing_loss", "router_z_loss", "tokens_dropped_fraction",
+                                                    "dropped_fraction", "router_entropy", "router_confidence")}
     out["expert_load"] = jnp.concatenate([s.expert_load.reshape(-1, s.expert_load.shape[-1]) for s in stats])
     return out
 

@@ -17,10 +17,13 @@ import optax
 from flax import nnx, struct
 from jax.sharding import NamedSharding, PartitionSpec
 
-from moejax.models.params import build_model
+from moejax.models.build import build_model
+from moejax.models.forward import forward
 from moejax.sharding import DEFAULT_RULES, state_shardings
-from moejax.training.loss import LossConfig, forward, loss_fn
+from moejax.training.config import LossConfig
+from moejax.training.loss import loss_fn
 from moejax.training.roles import freeze_labels
+from moejax.tree import path_key
 
 
 @struct.dataclass
@@ -40,10 +43,6 @@ def _fold(keys, step):
     return jax.vmap(lambda k: jax.random.fold_in(k, step))(flat).reshape(keys.shape)
 
 
-def _path_key(path) -> tuple:
-    return tuple(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
-
-
 def opt_state_shardings(abstract_opt, abstract_params, param_shardings, mesh):
     """Shard each optimizer-state leaf like the param it mirrors (same path suffix): same shape ->
     same sharding; a factored moment missing one dim -> the param's spec without that dim; else
@@ -51,11 +50,11 @@ def opt_state_shardings(abstract_opt, abstract_params, param_shardings, mesh):
     table = {}
     for (path, a), (_, s) in zip(jax.tree_util.tree_flatten_with_path(abstract_params)[0],
                                  jax.tree_util.tree_flatten_with_path(param_shardings)[0]):
-        table[_path_key(path)] = (a.shape, s.spec)
+        table[path_key(path)] = (a.shape, s.spec)
     rep = NamedSharding(mesh, PartitionSpec())
 
     def one(path, leaf):
-        key = _path_key(path)
+        key = path_key(path)
         for i in range(len(key)):
             if key[i:] in table:
                 pshape, spec = table[key[i:]]
@@ -97,8 +96,8 @@ class StepFns:
             labels = freeze_labels(abstract, self.freeze)
             flat = {}
             for path, v in jax.tree_util.tree_flatten_with_path(labels)[0]:
-                flat[_path_key(path)] = v
-            label_tree = jax.tree_util.tree_map_with_path(lambda p, _: flat[_path_key(p)[:-1]],
+                flat[path_key(path)] = v
+            label_tree = jax.tree_util.tree_map_with_path(lambda p, _: flat[path_key(p)[:-1]],
                                                           self.abstract_params)
             self.tx = optax.multi_transform({"train": self.tx, "freeze": optax.set_to_zero()}, label_tree)
         self.param_shardings = state_shardings(self.abstract_params, self.mesh, self.rules)

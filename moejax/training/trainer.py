@@ -8,7 +8,6 @@ step, logs metrics every ``log_every`` steps (tqdm + TensorBoard + JSON lines), 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
@@ -18,53 +17,23 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
+import moejax.tasks  # noqa: F401  (registers the shipped seqio tasks and mixtures)
+from moejax.checkpoint import Checkpointer, load, load_params
 from moejax.data import batches as data
 from moejax.distributed import is_primary, to_host
 from moejax.mesh import create_mesh, global_shape
+from moejax.models.config import EncDecConfig, routes_by_task
 from moejax.sharding import DEFAULT_RULES
 from moejax.training import evaluation
-from moejax.training.checkpoints import Checkpointer, check_model_dir, restore_params
+from moejax.training.checkpoints import check_model_dir
+from moejax.training.config import LossConfig, TrainConfig
 from moejax.training.distill import init_student_from_teacher
-from moejax.training.loss import LossConfig
 from moejax.training.optim import make_optimizer
 from moejax.training.state import StepFns
-from moejax.training.upcycle import load_dense_params, upcycle_params
+from moejax.training.upcycle import upcycle_params
 from moejax.training.writers import MetricWriter
 
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """Everything about a run except the model and the optimizer."""
-
-    mixture_or_task: str = "corpus_span_corruption"
-    task_feature_lengths: dict = dataclasses.field(default_factory=lambda: {"inputs": 64, "targets": 32})
-    batch_size: int = 32
-    train_steps: int = 100
-    microbatches: int = 1
-    log_every: int = 10
-    save_every: int = 100
-    keep: int = 3
-    eval_every: int = 0
-    eval_mixture_or_task: str | None = None
-    eval_batches: int = 4
-    infer_examples: int = 32
-    seed: int = 0
-    freeze: tuple = ()
-    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
-    initial_checkpoint: str | None = None
-    upcycle: bool = False
-    teacher_checkpoint: str | None = None
-    distill_alpha: float = 0.75
-    distill_temperature: float = 1.0
-    init_from_teacher: bool = True
-    mesh_shape: dict | None = None
-    dcn_mesh_shape: dict | None = None
-    data_shards: int | None = None
-
-
-def task_routed(model_cfg) -> bool:
-    """Does the model route by task id (``MoeConfig.router == 'task'``)?"""
-    return model_cfg.moe is not None and model_cfg.moe.router == "task"
+__all__ = ["LossConfig", "TrainConfig", "load_for_eval", "run_eval", "run_infer", "train"]
 
 
 def _mesh(shape, dcn_shape=None):
@@ -76,7 +45,8 @@ def _mesh(shape, dcn_shape=None):
     if n < 1 or have % n or (n != have and jax.process_count() > 1):
         what = f"{shape} x dcn {dcn_shape}" if dcn_shape else f"{shape}"
         raise ValueError(f"mesh {what} needs {n} devices, which does not divide the {have} devices available"
-                         + (f" (a {jax.process_count()}-process run must use all of them)" if jax.process_count() > 1 else ""))
+                         + (f" (a {jax.process_count()}-process run must use all of them)"
+                            if jax.process_count() > 1 else ""))
     return create_mesh(shape, dcn_shape, jax.devices()[:n])
 
 
@@ -87,8 +57,6 @@ def _host(metrics: dict) -> dict:
 def train(model_dir: str, model_cfg, cfg: TrainConfig, optimizer=None, rules=DEFAULT_RULES, progress: bool = True):
     """Train ``model_cfg`` on ``cfg.mixture_or_task`` into ``model_dir``; returns the final train
     state. Re-running the same command resumes from the latest checkpoint."""
-    from moejax.models.encdec import EncDecConfig
-
     if not model_dir:
         raise ValueError("MODEL_DIR is required (e.g. --gin.MODEL_DIR=\"'/tmp/run'\")")
     optimizer = optimizer or make_optimizer()
@@ -109,13 +77,14 @@ def train(model_dir: str, model_cfg, cfg: TrainConfig, optimizer=None, rules=DEF
         state = ckpt.restore(fns.abstract_state())
         print(f"resumed from {ckpt.directory} at step {latest}")
     elif cfg.initial_checkpoint and cfg.upcycle:
-        dense, dense_cfg = load_dense_params(cfg.initial_checkpoint)
+        dense = load(cfg.initial_checkpoint)
+        if dense.cfg.moe is not None:
+            raise ValueError(f"{cfg.initial_checkpoint!r} holds an MoE model; sparse upcycling starts from a dense one")
         state = fns.init()
-        state = fns.from_params(upcycle_params(dense, state.params, model_cfg))
-        print(f"upcycled the dense {type(dense_cfg).__name__} at {cfg.initial_checkpoint} into an MoE model")
+        state = fns.from_params(upcycle_params(nnx.state(dense, nnx.Param), state.params, model_cfg))
+        print(f"upcycled the dense {type(dense.cfg).__name__} at {cfg.initial_checkpoint} into an MoE model")
     elif cfg.initial_checkpoint:
-        params = restore_params(cfg.initial_checkpoint, fns.abstract_state().params, model_cfg)
-        state = fns.from_params(params)
+        state = fns.from_params(_initial_params(cfg.initial_checkpoint, fns, model_cfg))
         print(f"initialised params from {cfg.initial_checkpoint} (optimizer reset)")
     elif teacher is not None and cfg.init_from_teacher:
         params, copied, total = init_student_from_teacher(fns.init().params, nnx.state(teacher, nnx.Param))
@@ -126,7 +95,8 @@ def train(model_dir: str, model_cfg, cfg: TrainConfig, optimizer=None, rules=DEF
     start = int(state.step)
     writer = MetricWriter(model_dir, "train")
     ds = data.dataset(cfg.mixture_or_task, cfg.task_feature_lengths, cfg.batch_size, encoder_decoder=enc_dec,
-                      seed=cfg.seed, start_step=start, with_task_ids=task_routed(model_cfg), data_shards=cfg.data_shards)
+                      seed=cfg.seed, start_step=start, with_task_ids=routes_by_task(model_cfg),
+                      data_shards=cfg.data_shards)
     it = ds.as_numpy_iterator()
     bar = tqdm(total=cfg.train_steps, initial=start, disable=not (progress and is_primary()), desc="train",
                dynamic_ncols=True)
@@ -171,15 +141,17 @@ def train(model_dir: str, model_cfg, cfg: TrainConfig, optimizer=None, rules=DEF
     return state
 
 
-def _load_teacher(path: str, mesh, rules):
-    """The trained teacher model from ``path``, its params placed in their shardings on ``mesh``."""
-    from moejax.sharding import state_shardings
-    from moejax.training.checkpoints import load_model
+def _initial_params(path: str, fns: StepFns, model_cfg):
+    """Params (only) to start a run from: any moejax checkpoint of the same architecture."""
+    try:
+        return load_params(path, fns.abstract_state().params, expect=model_cfg)
+    except ValueError as e:
+        raise ValueError(f"INITIAL_CHECKPOINT_PATH: {e}") from None
 
-    teacher = load_model(path)
-    state = nnx.state(teacher)
-    nnx.update(teacher, jax.device_put(state, state_shardings(state, mesh, rules)))
-    return teacher
+
+def _load_teacher(path: str, mesh, rules):
+    """The trained teacher model from ``path``, its params read straight into their shardings."""
+    return load(path, mesh, rules=rules)
 
 
 def load_for_eval(model_dir: str, model_cfg, cfg: TrainConfig, checkpoint: str | None = None):
@@ -189,14 +161,13 @@ def load_for_eval(model_dir: str, model_cfg, cfg: TrainConfig, checkpoint: str |
     mesh = _mesh(cfg.mesh_shape, cfg.dcn_mesh_shape)
     fns = StepFns(model_cfg, optax.identity(), mesh, loss=cfg.loss, seed=cfg.seed)
     if checkpoint:
-        return fns, restore_params(checkpoint, fns.abstract_state().params, model_cfg), 0
+        return fns, load_params(checkpoint, fns.abstract_state().params, expect=model_cfg), 0
     ckpt = Checkpointer(model_dir)
     step = ckpt.latest_step()
+    ckpt.close()
     if step is None:
         raise ValueError(f"MODEL_DIR {model_dir!r} has no checkpoint to evaluate; train first or pass a checkpoint")
-    ckpt.close()
-    params = restore_params(model_dir, fns.abstract_state().params, model_cfg)
-    return fns, params, step
+    return fns, load_params(model_dir, fns.abstract_state().params, expect=model_cfg), step
 
 
 def run_eval(model_dir: str, model_cfg, cfg: TrainConfig, checkpoint: str | None = None) -> dict:

@@ -90,13 +90,13 @@ def test_mismatched_checkpoint_errors(tmp_path):
 
 
 def test_convert_cli_writes_orbax_checkpoint(tmp_path):
-    from moejax.convert import checkpoint
+    from moejax import checkpoint
     from moejax.main import main
 
     hf = tiny_mixtral()
     hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
     assert main(["convert", "--hf_dir", str(tmp_path / "hf"), "--out", str(tmp_path / "ck")]) == 0
-    model = checkpoint.restore(str(tmp_path / "ck"))
+    model = checkpoint.load(str(tmp_path / "ck"))
     logits, _ = model(jnp.asarray(IDS))
     np.testing.assert_allclose(np.asarray(logits), hf_logits(hf, IDS), atol=1e-4, rtol=1e-4)
 

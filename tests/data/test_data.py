@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import seqio
 
+import moejax.tasks  # noqa: F401  (registers the shipped seqio tasks)
 from moejax.data import corpus, metrics
 from moejax.data.batches import check_lengths, get_provider
 from moejax.data.preprocessors import corrupt, noise_span_mask
@@ -72,7 +73,6 @@ def test_vocabulary_trained_and_cached():
 
 
 def test_tasks_registered_and_produce_examples():
-    import moejax.tasks  # noqa: F401
 
     names = set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names())
     for n in ["corpus_span_corruption", "corpus_lm", "corpus_prefix_lm", "corpus_ul2", "synth_sort",
@@ -118,7 +118,6 @@ def test_text_files_task(tmp_path):
 def test_real_data_tasks_with_mock_data():
     import tensorflow_datasets as tfds
 
-    import moejax.tasks  # noqa: F401
 
     for name, lengths in [("glue_sst2", {"inputs": 64, "targets": 8}), ("wmt14_de_en", {"inputs": 64, "targets": 64}),
                           ("c4_span_corruption", {"inputs": 64, "targets": 32}), ("c4_lm", {"targets": 64})]:

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from moejax.inference.merging import expert_usage, merge_experts, moe_layer_paths, param_counts
-from moejax.models.params import build_model
+from moejax.models import build_model
 from moejax.models.registry import get_config
 
 

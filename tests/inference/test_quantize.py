@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moejax.convert.checkpoint import restore, save
+from moejax.checkpoint import load as restore
+from moejax.checkpoint import save
 from moejax.inference.quantize import expert_weight_bytes, quantize_model
-from moejax.models.params import build_model
+from moejax.models import build_model
 from moejax.models.registry import get_config
 from moejax.moe.experts import dequantize_weight, quantize_weight
 

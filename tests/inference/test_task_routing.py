@@ -9,7 +9,7 @@ from flax import nnx
 
 from moejax.inference.merging import param_counts
 from moejax.inference.task_routing import experts_of_task, extract_task_model
-from moejax.models.params import build_model
+from moejax.models import build_model
 from moejax.models.registry import get_config
 
 ENC = jax.random.randint(jax.random.key(1), (3, 10), 2, 256)
@@ -78,7 +78,8 @@ def test_train_task_routed_model_on_the_multitask_mixture(tmp_path):
 
 
 def test_extract_task_cli(tmp_path, capsys):
-    from moejax.convert.checkpoint import restore, save
+    from moejax.checkpoint import load as restore
+    from moejax.checkpoint import save
     from moejax.main import main
 
     save(task_model(), str(tmp_path / "full"))

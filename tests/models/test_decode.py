@@ -71,7 +71,7 @@ def test_score_matches_log_softmax():
 @pytest.mark.parametrize("name", ["tiny_switch", "tiny_nllb_moe", "tiny_t5"])
 def test_encdec_cached_greedy_equals_uncached(name):
     from moejax.inference import generate_encdec
-    from moejax.models.params import build_model
+    from moejax.models import build_model
 
     cfg = get_config(name)
     if cfg.moe is not None:  # routing per decode step must not drop: dropless-equivalent capacity

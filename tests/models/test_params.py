@@ -3,7 +3,7 @@
 import pytest
 
 from moejax.main import main
-from moejax.models.encdec import EncDecConfig
+from moejax.models.config import EncDecConfig
 from moejax.models.params import report
 from moejax.models.registry import get_config, names
 

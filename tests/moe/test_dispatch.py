@@ -11,8 +11,8 @@ import pytest
 from flax import nnx
 
 from moejax.moe import MoeConfig, MoeLayer
-from moejax.moe.rows import sum_choices, take_rows
 from moejax.moe.losses import token_mean
+from moejax.moe.rows import sum_choices, take_rows
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 4])

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moejax.models.params import build_model
+from moejax import load
+from moejax.models import build_model
 from moejax.models.registry import get_config
-from moejax.training.checkpoints import load_model
 from moejax.training.distill import init_student_from_teacher
 from moejax.training.optim import make_optimizer
 from moejax.training.state import StepFns
@@ -31,7 +31,7 @@ def teacher_dir(tmp_path_factory):
 
 
 def test_student_init_copies_non_expert_weights(teacher_dir):
-    teacher = load_model(teacher_dir)
+    teacher = load(teacher_dir)
     student = build_model(get_config("tiny_t5", vocab_size=512), nnx.Rngs(1))
     sp = nnx.state(student, nnx.Param)
     params, copied, total = init_student_from_teacher(sp, nnx.state(teacher, nnx.Param))
@@ -63,7 +63,7 @@ def test_distilled_student_beats_plain_student(teacher_dir, tmp_path):
 
 
 def test_distill_errors(teacher_dir):
-    teacher = load_model(teacher_dir)
+    teacher = load(teacher_dir)
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
     with pytest.raises(ValueError,
                        match="cannot distill across vocabularies: teacher vocab_size=512, student vocab_size=256"):

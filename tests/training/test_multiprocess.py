@@ -33,9 +33,8 @@ def _records(model_dir, name):
 
 def _state(model_dir, step):
     """Checkpoint ``step`` of ``model_dir`` restored in this process onto its own 2x4 mesh."""
-    from moejax.convert.checkpoint import config_from_json
+    from moejax.checkpoint import Checkpointer, config_from_json
     from moejax.sharding import make_mesh
-    from moejax.training.checkpoints import Checkpointer
     from moejax.training.optim import make_optimizer
     from moejax.training.state import StepFns
 

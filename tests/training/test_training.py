@@ -10,11 +10,12 @@ import numpy as np
 import optax
 import pytest
 
+from moejax.checkpoint import Checkpointer
 from moejax.data.batches import to_global
 from moejax.models.registry import get_config
 from moejax.moe import MoeConfig
 from moejax.sharding import DEFAULT_RULES, make_mesh
-from moejax.training.checkpoints import Checkpointer, check_model_dir
+from moejax.training.checkpoints import check_model_dir
 from moejax.training.loss import LossConfig, cross_entropy
 from moejax.training.optim import make_optimizer, make_schedule
 from moejax.training.state import StepFns

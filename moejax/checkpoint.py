@@ -1,0 +1,252 @@
+"""The one checkpoint format of moejax, and :func:`load`.
+
+Trainer runs, converted Hugging Face models and the outputs of ``moejax merge`` / ``quantize`` /
+``extract-task`` share one on-disk layout::
+
+    <dir>/model_config.json            the model config (dataclass fields, its class, dtypes by name)
+    <dir>/checkpoints/<step>/params    orbax item: flat {'encoder/stack/.../wi/value': array}
+    <dir>/checkpoints/<step>/opt_state orbax item, trainer runs only (same flat keys)
+    <dir>/checkpoints/<step>/step      orbax item: {'step': int32}
+
+written by an orbax ``CheckpointManager`` (each step to a temporary directory, then renamed, so a
+killed run never leaves a corrupt checkpoint). :func:`save` writes a model's params as step 0;
+:func:`load` rebuilds the model of any such directory (optionally straight into its shardings on a
+mesh); :func:`load_params` reads only the params into a given abstract target (finetuning,
+evaluation). Directories written by ``moejax.convert.checkpoint.save`` before the formats were
+unified (``config.json`` + an orbax ``params`` pytree) still load; :func:`load` reads them with
+:func:`_load_legacy_params`, the only other reader.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from moejax.models.build import build_model
+from moejax.models.config import DecoderConfig, EncDecConfig, ModelConfig
+from moejax.moe import MoeConfig
+from moejax.sharding import DEFAULT_RULES, Rules, state_shardings
+from moejax.tree import flatten, path_str, unflatten
+
+CONFIG_FILE = "model_config.json"
+LEGACY_CONFIG_FILE = "config.json"          # pre-unification `moejax convert` / merge / quantize output
+_CLASSES = {"DecoderConfig": DecoderConfig, "EncDecConfig": EncDecConfig, "MoeConfig": MoeConfig}
+
+
+# ----------------------------------------------------------------------------- the config record
+
+def config_to_json(cfg) -> dict:
+    """A JSON-able dict of a model config (dtypes by name, nested MoeConfigs inline)."""
+
+    def enc(v):
+        if dataclasses.is_dataclass(v):
+            return {"__class__": type(v).__name__, **{f.name: enc(getattr(v, f.name)) for f in dataclasses.fields(v)}}
+        if isinstance(v, (tuple, list)):
+            return [enc(x) for x in v]
+        if isinstance(v, (str, int, float, bool)) or v is None:
+            return v
+        return {"__dtype__": np.dtype(v).name}
+
+    return enc(cfg)
+
+
+def config_from_json(d: dict):
+    """Inverse of :func:`config_to_json`; an unknown class or field is a ValueError naming it."""
+
+    def dec(v):
+        if isinstance(v, dict) and "__dtype__" in v:
+            return jnp.dtype(v["__dtype__"])
+        if isinstance(v, dict) and "__class__" in v:
+            cls = _CLASSES.get(v["__class__"])
+            if cls is None:
+                raise ValueError(f"unknown config class {v['__class__']!r} in checkpoint config; "
+                                 f"known: {', '.join(_CLASSES)}")
+            names = {f.name for f in dataclasses.fields(cls)}
+            unknown = sorted(set(v) - names - {"__class__"})
+            if unknown:
+                raise ValueError(f"checkpoint config has {cls.__name__} fields this moejax does not know: {unknown}")
+            return cls(**{k: dec(x) for k, x in v.items() if k != "__class__"})
+        if isinstance(v, list):
+            return tuple(dec(x) for x in v)
+        return v
+
+    return dec(d)
+
+
+def write_config(path: str, cfg: ModelConfig) -> None:
+    """Write ``<path>/model_config.json`` atomically (temporary file, then rename)."""
+    os.makedirs(path, exist_ok=True)
+    tmp = os.path.join(path, CONFIG_FILE + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(config_to_json(cfg), f, indent=2)
+    os.replace(tmp, os.path.join(path, CONFIG_FILE))
+
+
+def read_config(path: str) -> ModelConfig:
+    """The model config stored in checkpoint directory ``path``."""
+    path = os.path.abspath(path)
+    for name in (CONFIG_FILE, LEGACY_CONFIG_FILE):
+        f = os.path.join(path, name)
+        if os.path.exists(f):
+            with open(f) as fh:
+                d = json.load(fh)
+            if name == LEGACY_CONFIG_FILE and "__class__" not in d:
+                raise ValueError(f"{path!r} is not a moejax checkpoint ({name} is not a moejax config; a Hugging "
+                                 "Face directory? convert it with `moejax convert --hf_dir DIR --out CKPT`)")
+            return config_from_json(d)
+    raise ValueError(f"{path!r} is not a moejax checkpoint (no {CONFIG_FILE})")
+
+
+def _is_legacy(path: str) -> bool:
+    return not os.path.exists(os.path.join(path, CONFIG_FILE)) and os.path.isdir(os.path.join(path, "params"))
+
+
+# ----------------------------------------------------------------------------- steps
+
+class Checkpointer:
+    """Steps of one checkpoint directory (``<dir>/checkpoints/<step>``): save / restore a trainer
+    :class:`moejax.training.state.TrainState` (items ``params``, ``opt_state``, ``step``) or params
+    alone (items ``params``, ``step``), keeping the newest ``keep``."""
+
+    def __init__(self, path: str, keep: int | None = 3):
+        self.directory = os.path.join(os.path.abspath(path), "checkpoints")
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps() or [])
+
+    def _save(self, step: int, items: dict, force: bool) -> None:
+        if step in (self.manager.all_steps() or []):
+            return
+        args = {k: ocp.args.StandardSave(flatten(v, path_str)) for k, v in items.items()}
+        args["step"] = ocp.args.StandardSave({"step": jnp.asarray(step, jnp.int32)})
+        self.manager.save(step, args=ocp.args.Composite(**args), force=force)
+
+    def save(self, state, force: bool = True) -> None:
+        """A train state (``params``, ``opt_state``, ``step``) at ``state.step``."""
+        self._save(int(state.step), {"params": state.params, "opt_state": state.opt_state}, force)
+
+    def save_params(self, params, step: int = 0) -> None:
+        """Params alone (a converted or compressed model) at ``step``."""
+        self._save(step, {"params": params}, force=True)
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def restore(self, abstract_state, step: int | None = None):
+        """Read a train state at ``step`` (default latest) into the shardings of ``abstract_state``."""
+        step = self.latest_step() if step is None else step
+        items = {k: ocp.args.StandardRestore(flatten(getattr(abstract_state, k), path_str))
+                 for k in ("params", "opt_state")}
+        items["step"] = ocp.args.StandardRestore({"step": abstract_state.step})
+        got = self.manager.restore(step, args=ocp.args.Composite(**items))
+        return type(abstract_state)(params=unflatten(abstract_state.params, got["params"], path_str),
+                                    opt_state=unflatten(abstract_state.opt_state, got["opt_state"], path_str),
+                                    step=got["step"]["step"])
+
+    def restore_params(self, abstract_params, step: int | None = None):
+        """Only the ``params`` item at ``step`` (default latest)."""
+        step = self.latest_step() if step is None else step
+        got = self.manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(flatten(abstract_params, path_str))))
+        return unflatten(abstract_params, got["params"], path_str)
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+# ----------------------------------------------------------------------------- models
+
+def save(model: nnx.Module, path: str) -> None:
+    """Write ``model.cfg`` and the params of ``model`` to ``path`` (which must not hold a checkpoint
+    yet) as step 0 of the moejax format."""
+    path = os.path.abspath(path)
+    if os.path.exists(os.path.join(path, CONFIG_FILE)) or os.path.exists(os.path.join(path, "checkpoints")):
+        raise ValueError(f"checkpoint {path!r} already exists; choose a new directory")
+    write_config(path, model.cfg)
+    ckpt = Checkpointer(path, keep=None)
+    try:
+        ckpt.save_params(nnx.state(model, nnx.Param), step=0)
+    finally:
+        ckpt.close()
+
+
+def _arch(cfg) -> tuple:
+    """What must match for params to load: class and every shape-determining field."""
+    keys = ("vocab_size", "d_model", "num_layers", "num_encoder_layers", "num_decoder_layers", "num_heads",
+            "head_dim", "d_ff")
+    return (type(cfg).__name__,) + tuple(getattr(cfg, k, None) for k in keys)
+
+
+def _load_legacy_params(path: str, abstract_params):
+    """Params of a pre-unification directory (``config.json`` + an orbax pytree of
+    ``nnx.to_pure_dict(params)`` under ``params``) into the shardings of ``abstract_params``."""
+    target = nnx.to_pure_dict(abstract_params)
+    restored = ocp.StandardCheckpointer().restore(os.path.join(path, "params"), target)
+    state = jax.tree.map(lambda x: x, abstract_params)
+    nnx.replace_by_pure_dict(state, restored)
+    return state
+
+
+def load_params(path: str, abstract_params, expect: ModelConfig | None = None, step: int | None = None):
+    """The params stored at ``path`` (latest step unless ``step``) read into ``abstract_params``
+    (ShapeDtypeStructs with shardings). ``expect``: a config whose architecture must match."""
+    path = os.path.abspath(path)
+    saved = read_config(path)
+    if expect is not None and _arch(saved) != _arch(expect):
+        raise ValueError(f"{path!r} holds another model ({_arch(saved)}), not {_arch(expect)}")
+    try:
+        if _is_legacy(path):
+            return _load_legacy_params(path, abstract_params)
+        ckpt = Checkpointer(path, keep=None)
+        try:
+            if ckpt.latest_step() is None:
+                raise ValueError(f"{path!r} has no checkpoints")
+            return ckpt.restore_params(abstract_params, step)
+        finally:
+            ckpt.close()
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{path!r} does not hold this model's params: {e}") from None
+
+
+def load(path: str, mesh: jax.sharding.Mesh | None = None, *, rules: Rules = DEFAULT_RULES, step: int | None = None,
+         expect: ModelConfig | type | None = None) -> nnx.Module:
+    """The model stored at ``path`` (a trainer ``MODEL_DIR``, or a :func:`save` directory: a converted
+    or compressed model), its params from the latest step (or ``step``).
+
+    With ``mesh`` every parameter is read straight into its sharding under ``rules`` (nothing is
+    materialised whole on one device); without, onto the default device. ``expect``: a config class
+    or config the checkpoint must hold (ValueError otherwise).
+    """
+    path = os.path.abspath(path)
+    cfg = read_config(path)
+    if expect is not None:
+        want = expect if isinstance(expect, type) else type(expect)
+        if not isinstance(cfg, want) or (not isinstance(expect, type) and cfg != expect):
+            raise ValueError(f"checkpoint {path!r} holds {type(cfg).__name__} {cfg}, not the expected {expect}")
+    factory = lambda: build_model(cfg, nnx.Rngs(0))
+    graphdef, abstract_params, _ = nnx.split(nnx.eval_shape(factory), nnx.Param, ...)
+    leaves, treedef = jax.tree.flatten(abstract_params)
+    if mesh is not None:
+        shardings = jax.tree.leaves(state_shardings(abstract_params, mesh, rules),
+                                    is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+    else:
+        shardings = [jax.sharding.SingleDeviceSharding(jax.devices()[0])] * len(leaves)
+    target = jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
+                                          for a, s in zip(leaves, shardings, strict=True)])
+    params = load_params(path, target, step=step)
+    # the non-param state (RNG streams); XLA drops the param initialisers it does not need
+    rest = jax.jit(lambda: nnx.split(factory(), nnx.Param, ...)[2])()
+    return nnx.merge(graphdef, params, rest)
