@@ -126,20 +126,22 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps() or [])
 
-    def _save(self, step: int, items: dict, force: bool) -> None:
+    def _save(self, step_array, items: dict, force: bool) -> None:
+        step = int(step_array)
         if step in (self.manager.all_steps() or []):
             return
         args = {k: ocp.args.StandardSave(flatten(v, path_str)) for k, v in items.items()}
-        args["step"] = ocp.args.StandardSave({"step": jnp.asarray(step, jnp.int32)})
+        args["step"] = ocp.args.StandardSave({"step": step_array})
         self.manager.save(step, args=ocp.args.Composite(**args), force=force)
 
     def save(self, state, force: bool = True) -> None:
-        """A train state (``params``, ``opt_state``, ``step``) at ``state.step``."""
-        self._save(int(state.step), {"params": state.params, "opt_state": state.opt_state}, force)
+        """A train state (``params``, ``opt_state``, ``step``) at ``state.step`` (a global array in a
+        multi-process run: every process saves its shards)."""
+        self._save(state.step, {"params": state.params, "opt_state": state.opt_state}, force)
 
     def save_params(self, params, step: int = 0) -> None:
-        """Params alone (a converted or compressed model) at ``step``."""
-        self._save(step, {"params": params}, force=True)
+        """Params alone (a converted or compressed model, one process) at ``step``."""
+        self._save(jnp.asarray(step, jnp.int32), {"params": params}, force=True)
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -1,6 +1,7 @@
 """KV-cached decoding for decoder-only models with static shapes under ``jit``, and scoring.
 
-Letters: ``b`` batch, ``p`` prompt length, ``n`` new tokens, ``v`` vocab.
+Shape letters (README legend): ``b`` batch, ``p`` prompt
+length, ``n`` new tokens, ``v`` vocab.
 """
 
 from __future__ import annotations

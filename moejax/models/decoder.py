@@ -1,6 +1,7 @@
 """Decoder-only transformer (Llama / Mistral dense, Mixtral, OpenMoE) with scanned layer periods.
 
-Letters: ``b`` batch, ``s`` sequence, ``d`` d_model, ``v`` vocab, ``l`` scanned periods.
+Shape letters (README legend): ``b`` batch, ``s`` sequence,
+``d`` d_model, ``v`` vocab, ``l`` scanned periods.
 """
 
 from __future__ import annotations
@@ -10,9 +11,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moejax.models.config import DecoderConfig
-from moejax.models.layers import Attention, Embed, Mlp, RMSNorm
+from moejax.models.layers import Attention, Embed, RMSNorm
 from moejax.models.stack import DecoderAux, Period, empty_caches, scan_periods
-from moejax.moe import MoeLayer
+from moejax.moe import DenseFFN, MoeLayer
 from moejax.sharding import stack_modules
 
 
@@ -27,11 +28,11 @@ class DecoderBlock(nnx.Module):
                               param_dtype=cfg.param_dtype, rngs=rngs)
         self.ffn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
         self.sparse = sparse
-        self.ffn = MoeLayer(cfg.moe, rngs=rngs) if sparse else Mlp(
+        self.ffn = MoeLayer(cfg.moe, rngs=rngs) if sparse else DenseFFN(
             cfg.d_model, cfg.d_ff, activation=cfg.activation, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
         self.extra = nnx.List([
             RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=cfg.param_dtype),
-            Mlp(cfg.d_model, cfg.d_ff, activation=cfg.activation, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+            DenseFFN(cfg.d_model, cfg.d_ff, activation=cfg.activation, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                 rngs=rngs),
         ]) if sparse and cfg.moe_extra_mlp else None
 

@@ -4,8 +4,9 @@ T5 / Switch (the defaults): pre-norm T5 RMSNorm, T5 relative position bias (comp
 stack from a single table and shared by every block, as in T5), unscaled attention, ReLU FFNs,
 tied embeddings with logits rescaled by ``d_model ** -0.5``. NLLB-MoE: pre-LN LayerNorm with bias,
 sinusoidal positions (fairseq offset), scaled attention and FFNs with biases, embeddings scaled by
-``sqrt(d_model)``, top-2 experts with expert output masking. Letters: ``b`` batch, ``s`` decoder length, ``t`` encoder
-length, ``d`` d_model, ``h`` heads, ``x`` head dim, ``v`` vocab.
+``sqrt(d_model)``, top-2 experts with expert output masking. Shape letters (README legend): ``b`` batch, ``s``
+decoder length, ``m`` encoder length (or a decoder cache's length), ``d`` d_model, ``h`` heads, ``x``
+head dim, ``v`` vocab.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moejax.models.config import EncDecConfig
-from moejax.models.layers import Embed, LayerNorm, Mlp, RMSNorm, param, sinusoidal_positions
+from moejax.models.layers import Attention, Embed, LayerNorm, RMSNorm, param, sinusoidal_positions
 from moejax.models.stack import EncDecAux, Period, empty_caches, scan_periods
-from moejax.moe import MoeLayer
+from moejax.moe import DenseFFN, MoeLayer
 from moejax.sharding import stack_modules
 
 
@@ -49,7 +50,7 @@ def relative_position_bucket(rel: jax.Array, bidirectional: bool, num_buckets: i
 
 
 class RelativeBias(nnx.Module):
-    """The T5 relative-position bias table ``[buckets, h]``; returns an additive ``[1, h, q, k]``."""
+    """The T5 relative-position bias table ``[buckets, h]``; returns an additive ``[1, h, s, m]``."""
 
     def __init__(self, buckets: int, heads: int, max_distance: int, bidirectional: bool, *, param_dtype, rngs):
         self.embedding = param(rngs, nnx.initializers.normal(1.0), (buckets, heads), param_dtype,
@@ -57,62 +58,10 @@ class RelativeBias(nnx.Module):
         self.buckets, self.max_distance, self.bidirectional = buckets, max_distance, bidirectional
 
     def __call__(self, q_pos: jax.Array, k_pos: jax.Array) -> jax.Array:
-        """``q_pos [s]``, ``k_pos [t]`` int positions -> bias ``[1, h, s, t]``."""
+        """``q_pos [s]``, ``k_pos [m]`` int positions -> bias ``[1, h, s, m]``."""
         rel = k_pos[None, :] - q_pos[:, None]
         b = relative_position_bucket(rel, self.bidirectional, self.buckets, self.max_distance)
         return jnp.transpose(self.embedding[...][b], (2, 0, 1))[None].astype(jnp.float32)
-
-
-class T5Attention(nnx.Module):
-    """Multi-head attention ``softmax(q k^T [* x^-0.5] + bias) v``: unscaled and bias-free for T5
-    (which folds the scale into its init), scaled with projection biases for NLLB.
-
-    Params ``q``, ``k``, ``v [d, h, x]``, ``o [h, x, d]``, optional ``*_bias``.
-    """
-
-    def __init__(self, d, heads, head_dim, *, use_bias=False, scaled=False, dtype, param_dtype, rngs):
-        init = nnx.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=0, out_axis=(1, 2))
-        self.q = param(rngs, init, (d, heads, head_dim), param_dtype, ("embed", "heads", "kv"))
-        self.k = param(rngs, init, (d, heads, head_dim), param_dtype, ("embed", "heads", "kv"))
-        self.v = param(rngs, init, (d, heads, head_dim), param_dtype, ("embed", "heads", "kv"))
-        oinit = nnx.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=(0, 1), out_axis=2)
-        self.o = param(rngs, oinit, (heads, head_dim, d), param_dtype, ("heads", "kv", "embed"))
-        self.use_bias, self.scale = use_bias, (head_dim**-0.5 if scaled else 1.0)
-        if use_bias:
-            z = nnx.initializers.zeros
-            self.q_bias = param(rngs, z, (heads, head_dim), param_dtype, ("heads", "kv"))
-            self.k_bias = param(rngs, z, (heads, head_dim), param_dtype, ("heads", "kv"))
-            self.v_bias = param(rngs, z, (heads, head_dim), param_dtype, ("heads", "kv"))
-            self.o_bias = param(rngs, z, (d,), param_dtype, ("embed",))
-        self.dtype = dtype
-
-    def __call__(self, x, kv, bias, mask, cache=None):
-        """``x [b, s, d]``, ``kv [b, t, d]``, ``bias [1|b, h, s, t]`` or None, ``mask [b, 1, s|1, t]``.
-
-        With a :class:`KVCache` the new keys / values are appended and attention runs over the
-        cache (``t`` = cache length); returns ``(y, new_cache)`` then.
-        """
-        dt = self.dtype
-        x, kv = x.astype(dt), kv.astype(dt)
-        q = jnp.einsum("bsd,dhx->bshx", x, self.q[...].astype(dt))
-        k = jnp.einsum("btd,dhx->bthx", kv, self.k[...].astype(dt))
-        v = jnp.einsum("btd,dhx->bthx", kv, self.v[...].astype(dt))
-        if self.use_bias:
-            q, k, v = q + self.q_bias[...].astype(dt), k + self.k_bias[...].astype(dt), v + self.v_bias[...].astype(dt)
-        if cache is not None:
-            b, s_new = kv.shape[:2]
-            cache = cache.write(k, v, jnp.ones((b, s_new), bool), jnp.broadcast_to(cache.index + jnp.arange(s_new),
-                                                                                    (b, s_new)))
-            k, v = cache.k.astype(dt), cache.v.astype(dt)
-        scores = jnp.einsum("bshx,bthx->bhst", q * self.scale, k).astype(jnp.float32)
-        if bias is not None:
-            scores = scores + bias
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out = jnp.einsum("bhst,bthx->bshx", probs, v)
-        y = jnp.einsum("bshx,hxd->bsd", out, self.o[...].astype(dt))
-        y = y + self.o_bias[...].astype(dt) if self.use_bias else y
-        return y if cache is None else (y, cache)
 
 
 class EncDecBlock(nnx.Module):
@@ -120,26 +69,28 @@ class EncDecBlock(nnx.Module):
 
     def __init__(self, cfg: EncDecConfig, sparse: bool, decoder: bool, *, rngs: nnx.Rngs):
         kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
-        akw = dict(use_bias=cfg.attn_bias, scaled=cfg.attn_scaled, **kw)
+        # T5 folds the attention scale into its init (unscaled, bias-free); NLLB scales and has biases
+        akw = dict(use_bias=cfg.attn_bias, rope_theta=None, scale=cfg.head_dim**-0.5 if cfg.attn_scaled else 1.0,
+                   init="normal", **kw)
         self.self_norm = make_norm(cfg)
-        self.self_attn = T5Attention(cfg.d_model, cfg.num_heads, cfg.head_dim, **akw)
+        self.self_attn = Attention(cfg.d_model, cfg.num_heads, cfg.num_heads, cfg.head_dim, **akw)
         self.cross_norm = make_norm(cfg) if decoder else None
-        self.cross_attn = T5Attention(cfg.d_model, cfg.num_heads, cfg.head_dim, **akw) if decoder else None
+        self.cross_attn = Attention(cfg.d_model, cfg.num_heads, cfg.num_heads, cfg.head_dim, **akw) if decoder else None
         self.ffn_norm = make_norm(cfg)
         self.sparse = sparse
-        self.ffn = MoeLayer(cfg.moe, rngs=rngs) if sparse else Mlp(cfg.d_model, cfg.d_ff, activation=cfg.activation,
-                                                                     use_bias=cfg.ffn_bias, **kw)
+        self.ffn = MoeLayer(cfg.moe, rngs=rngs) if sparse else DenseFFN(
+            cfg.d_model, cfg.d_ff, activation=cfg.activation, use_bias=cfg.ffn_bias, **kw)
 
     def __call__(self, x, *, bias, mask, enc=None, enc_mask=None, padding_mask=None, deterministic=True, cache=None,
                  task_ids=None):
         """Returns ``(x, moe_stats or None, new_cache or None)``."""
         h = self.self_norm(x)
-        a = self.self_attn(h, h, bias, mask, cache=cache)
+        a = self.self_attn(h, bias=bias, mask=mask, cache=cache)
         if cache is not None:
             a, cache = a
         x = x + a.astype(x.dtype)
         if self.cross_attn is not None:
-            x = x + self.cross_attn(self.cross_norm(x), enc, None, enc_mask).astype(x.dtype)
+            x = x + self.cross_attn(self.cross_norm(x), kv=enc, mask=enc_mask).astype(x.dtype)
         h = self.ffn_norm(x)
         stats = None
         if self.sparse:
@@ -183,7 +134,7 @@ class Stack(nnx.Module):
 
 
 class EncoderDecoder(nnx.Module):
-    """``logits, aux = model(encoder_ids [b, t], decoder_ids [b, s], encoder_mask=None,
+    """``logits, aux = model(encoder_ids [b, m], decoder_ids [b, s], encoder_mask=None,
     decoder_mask=None, deterministic=True)`` with ``logits [b, s, v]`` float32.
 
     Masks are bool, True for real tokens (T5 pads with id 0). The decoder is causal.
@@ -211,7 +162,7 @@ class EncoderDecoder(nnx.Module):
         return x
 
     def encode(self, ids, mask=None, deterministic=True, task_ids=None):
-        """``ids [b, t]`` -> ``(encoded [b, t, d], encoder MoeStats)``."""
+        """``ids [b, m]`` -> ``(encoded [b, m, d], encoder MoeStats)``."""
         b, t = ids.shape
         mask = jnp.ones((b, t), bool) if mask is None else mask.astype(bool)
         x = self._embed(ids, mask)

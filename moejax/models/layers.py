@@ -1,7 +1,7 @@
 """Shared model pieces: RMSNorm, embeddings, rotary positions, GQA attention, dense MLP.
 
-Letters: ``b`` batch, ``s`` query length, ``t`` key length, ``d`` d_model, ``h`` heads,
-``k`` kv heads, ``x`` head dim, ``f`` d_ff, ``v`` vocab.
+Shape letters (README legend): ``b`` batch, ``s`` query length, ``m`` key
+(memory) length, ``d`` d_model, ``h`` heads, ``j`` kv heads, ``x`` head dim, ``f`` d_ff, ``v`` vocab.
 """
 
 from __future__ import annotations
@@ -9,8 +9,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
-
-from moejax.moe.experts import activation_fn, gate_width
 
 
 def param(rngs, init, shape, dtype, axes):
@@ -93,24 +91,27 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 class Attention(nnx.Module):
-    """Multi-head / grouped-query self-attention with RoPE, causal and padding masks.
+    """Multi-head / grouped-query attention, the one attention module of every family.
 
-    Params: ``q [d, h, x]``, ``k``/``v [d, k, x]``, ``o [h, x, d]`` (logical
-    ``('embed', 'heads', 'kv')`` / ``('heads', 'kv', 'embed')``), optional biases. Scores are
-    scaled by ``scale`` (default ``x^-0.5``; T5X-trained models such as OpenMoE use 1.0) and
-    soft-maxed in float32.
+    Self-attention (``kv`` None) or cross-attention (``kv [b, m, d]``); RoPE when ``rope_theta`` is
+    set (Llama / Mistral / Mixtral / OpenMoE), none for T5 / NLLB (their position information is an
+    additive ``bias`` or is in the embeddings). Params: ``q [d, h, x]``, ``k``/``v [d, j, x]``,
+    ``o [h, x, d]`` (logical ``('embed', 'heads', 'kv')`` / ``('heads', 'kv', 'embed')``), optional
+    biases; kernels drawn from a fan-in variance-scaling ``init`` distribution (``truncated_normal``,
+    or ``normal`` as T5 / fairseq). Scores are ``q.k * scale`` (default ``x^-0.5``; T5 and T5X-trained
+    OpenMoE use 1.0) plus ``bias``, soft-maxed in float32.
     """
 
     def __init__(self, d: int, num_heads: int, num_kv_heads: int, head_dim: int, *, use_bias: bool = False,
                  rope_theta: float | None = 10000.0, sliding_window: int | None = None, scale: float | None = None,
-                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 init: str = "truncated_normal", dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}")
-        init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=0, out_axis=(1, 2))
-        self.q = param(rngs, init, (d, num_heads, head_dim), param_dtype, ("embed", "heads", "kv"))
-        self.k = param(rngs, init, (d, num_kv_heads, head_dim), param_dtype, ("embed", "heads", "kv"))
-        self.v = param(rngs, init, (d, num_kv_heads, head_dim), param_dtype, ("embed", "heads", "kv"))
-        oinit = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=(0, 1), out_axis=2)
+        qinit = nnx.initializers.variance_scaling(1.0, "fan_in", init, in_axis=0, out_axis=(1, 2))
+        self.q = param(rngs, qinit, (d, num_heads, head_dim), param_dtype, ("embed", "heads", "kv"))
+        self.k = param(rngs, qinit, (d, num_kv_heads, head_dim), param_dtype, ("embed", "heads", "kv"))
+        self.v = param(rngs, qinit, (d, num_kv_heads, head_dim), param_dtype, ("embed", "heads", "kv"))
+        oinit = nnx.initializers.variance_scaling(1.0, "fan_in", init, in_axis=(0, 1), out_axis=2)
         self.o = param(rngs, oinit, (num_heads, head_dim, d), param_dtype, ("heads", "kv", "embed"))
         self.use_bias = use_bias
         if use_bias:
@@ -123,41 +124,59 @@ class Attention(nnx.Module):
         self.rope_theta, self.sliding_window, self.dtype = rope_theta, sliding_window, dtype
         self.scale = head_dim**-0.5 if scale is None else float(scale)
 
-    def __call__(self, x: jax.Array, *, positions: jax.Array, padding_mask: jax.Array | None = None,
-                 causal: bool = True, cache: KVCache | None = None):
-        """``x [b, s, d]``, ``positions [b, s]`` int, ``padding_mask [b, s]`` bool -> ``[b, s, d]``.
+    def __call__(self, x: jax.Array, *, positions: jax.Array | None = None, padding_mask: jax.Array | None = None,
+                 causal: bool = True, kv: jax.Array | None = None, bias: jax.Array | None = None,
+                 mask: jax.Array | None = None, cache: KVCache | None = None):
+        """``x [b, s, d]`` -> ``[b, s, d]``.
 
-        With ``cache`` (a :class:`KVCache` of length ``T``), the new keys / values are written at
-        ``cache.index`` and attention runs over the whole cache; returns ``(y, new_cache)``.
+        Masking: an explicit boolean ``mask`` broadcastable to ``[b, h, s, m]`` (e.g. ``[b, 1, s|1, m]``)
+        is used as given; otherwise the mask is built from ``padding_mask [b, m]`` (real keys), the
+        query / key ``positions [b, s]`` (``causal``) and the sliding window. ``bias [1|b, h, s, m]``:
+        an additive score bias (T5 relative positions). ``positions`` also drive RoPE.
+
+        With ``cache`` (a :class:`KVCache` of length ``m``), the new keys / values are written at
+        ``cache.index`` (at ``positions``, or ``index + 0..s-1``) and attention runs over the whole
+        cache; returns ``(y, new_cache)``.
         """
         dt = self.dtype
         x = x.astype(dt)
+        src = x if kv is None else kv.astype(dt)
         q = jnp.einsum("bsd,dhx->bshx", x, self.q[...].astype(dt))
-        k = jnp.einsum("bsd,dkx->bskx", x, self.k[...].astype(dt))
-        v = jnp.einsum("bsd,dkx->bskx", x, self.v[...].astype(dt))
+        k = jnp.einsum("bmd,djx->bmjx", src, self.k[...].astype(dt))
+        v = jnp.einsum("bmd,djx->bmjx", src, self.v[...].astype(dt))
         if self.use_bias:
             q, k, v = q + self.q_bias[...].astype(dt), k + self.k_bias[...].astype(dt), v + self.v_bias[...].astype(dt)
         if self.rope_theta is not None:
             cos, sin = rope_tables(positions, self.head_dim, self.rope_theta)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         b, s = x.shape[:2]
-        key_valid = jnp.ones((b, s), bool) if padding_mask is None else padding_mask
+        key_valid = jnp.ones(k.shape[:2], bool) if padding_mask is None else padding_mask
         kpos = positions
         if cache is not None:
-            cache = cache.write(k, v, key_valid, positions)
+            if kpos is None:
+                kpos = jnp.broadcast_to(cache.index + jnp.arange(s, dtype=jnp.int32), (b, s))
+            cache = cache.write(k, v, key_valid, kpos)
             k, v, key_valid, kpos = cache.k.astype(dt), cache.v.astype(dt), cache.valid, cache.pos
-        groups = self.num_heads // self.num_kv_heads
-        q = q.reshape(b, s, self.num_kv_heads, groups, self.head_dim)
-        scores = jnp.einsum("bskgx,btkx->bkgst", q, k).astype(jnp.float32) * self.scale
-        qp, kp = positions[:, :, None], kpos[:, None, :]
-        mask = key_valid[:, None, :]
-        if causal:
-            mask = mask & (kp <= qp)
-        if self.sliding_window is not None:
-            mask = mask & (qp - kp < self.sliding_window)
-        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        j, groups = self.num_kv_heads, self.num_heads // self.num_kv_heads
+        q = q.reshape(b, s, j, groups, self.head_dim)
+        scores = jnp.einsum("bsjgx,bmjx->bjgsm", q, k).astype(jnp.float32) * self.scale
+        if bias is not None:
+            scores = scores + bias.reshape(bias.shape[0], j, groups, *bias.shape[2:])
+        if mask is None:
+            mask = key_valid[:, None, :]
+            if causal or self.sliding_window is not None:
+                qp, kp = positions[:, :, None], kpos[:, None, :]
+                if causal:
+                    mask = mask & (kp <= qp)
+                if self.sliding_window is not None:
+                    mask = mask & (qp - kp < self.sliding_window)
+            mask = mask[:, None, None]                                      # [b, 1, 1, s|1, m]
+        else:
+            mask = mask.reshape(mask.shape[0], 1, 1, *mask.shape[2:]) if mask.shape[1] == 1 else \
+                mask.reshape(mask.shape[0], j, groups, *mask.shape[2:])
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out = jnp.einsum("bkgst,btkx->bskgx", probs, v).reshape(b, s, self.num_heads, self.head_dim)
+        out = jnp.einsum("bjgsm,bmjx->bsjgx", probs, v).reshape(b, s, self.num_heads, self.head_dim)
         y = jnp.einsum("bshx,hxd->bsd", out, self.o[...].astype(dt))
         if self.use_bias:
             y = y + self.o_bias[...].astype(dt)
@@ -168,7 +187,7 @@ class Attention(nnx.Module):
 class KVCache:
     """Static-shape key/value cache of one attention layer.
 
-    ``k``, ``v [b, T, k, x]``; ``valid [b, T]`` (slot holds a real token); ``pos [b, T]`` (its
+    ``k``, ``v [b, m, j, x]``; ``valid [b, m]`` (slot holds a real token); ``pos [b, m]`` (its
     position); ``index`` int32 scalar: the next slot to write.
     """
 
@@ -185,45 +204,10 @@ class KVCache:
                    index=jnp.zeros((), jnp.int32))
 
     def write(self, k, v, valid, pos) -> KVCache:
-        """Append ``s`` new entries (``k``/``v [b, s, k, x]``) at ``index``."""
+        """Append ``s`` new entries (``k``/``v [b, s, j, x]``) at ``index``."""
         i = self.index
         upd = jax.lax.dynamic_update_slice
         return KVCache(k=upd(self.k, k.astype(self.k.dtype), (0, i, 0, 0)),
                        v=upd(self.v, v.astype(self.v.dtype), (0, i, 0, 0)),
                        valid=upd(self.valid, valid, (0, i)), pos=upd(self.pos, pos.astype(jnp.int32), (0, i)),
                        index=i + k.shape[1])
-
-
-class Mlp(nnx.Module):
-    """Dense FFN ``wo(act(x wi))`` or gated ``wo(act(x wi_0) * x wi_1)``; ``[..., d] -> [..., d]``."""
-
-    def __init__(self, d: int, f: int, *, activation: str = "swiglu", use_bias: bool = False, dtype=jnp.float32,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
-        self.act, self.gated = activation_fn(activation)
-        init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
-        if self.gated:
-            self.wi_0 = param(rngs, init, (d, f * gate_width(activation)), param_dtype, ("embed", "mlp"))
-            self.wi_1 = param(rngs, init, (d, f), param_dtype, ("embed", "mlp"))
-        else:
-            self.wi = param(rngs, init, (d, f), param_dtype, ("embed", "mlp"))
-        self.wo = param(rngs, init, (f, d), param_dtype, ("mlp", "embed"))
-        self.use_bias = use_bias
-        if use_bias:
-            self.bi = param(rngs, nnx.initializers.zeros, (f,), param_dtype, ("mlp",))
-            self.bo = param(rngs, nnx.initializers.zeros, (d,), param_dtype, ("embed",))
-        self.dtype = dtype
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        dt = self.dtype
-        x = x.astype(dt)
-        if self.gated:
-            h = self.act(x @ self.wi_0[...].astype(dt)) * (x @ self.wi_1[...].astype(dt))
-        else:
-            pre = x @ self.wi[...].astype(dt)
-            if self.use_bias:
-                pre = pre + self.bi[...].astype(dt)
-            h = self.act(pre)
-        y = h @ self.wo[...].astype(dt)
-        if self.use_bias:
-            y = y + self.bo[...].astype(dt)
-        return y

@@ -17,9 +17,9 @@ import numpy as np
 from flax import nnx
 
 from moejax.models.build import abstract_model
-from moejax.models.encdec import RelativeBias, T5Attention
-from moejax.models.layers import Attention, Embed, Mlp, RMSNorm
-from moejax.moe import MoeLayer, Router
+from moejax.models.encdec import RelativeBias
+from moejax.models.layers import Attention, Embed, LayerNorm, RMSNorm
+from moejax.moe import MoeLayer
 from moejax.moe.experts import DenseFFN
 from moejax.tree import var_value
 
@@ -67,8 +67,8 @@ def count(model: nnx.Module) -> ParamReport:
         nbytes += n * np.dtype(var_value(var).dtype).itemsize
         active += n * frac
 
-    types = {Attention: "attention", T5Attention: "attention", RelativeBias: "attention", Embed: "embeddings",
-             Mlp: "dense_ffn", RMSNorm: "norms", Router: "router", DenseFFN: "shared_experts"}
+    types = {Attention: "attention", RelativeBias: "attention", Embed: "embeddings", DenseFFN: "dense_ffn",
+             RMSNorm: "norms", LayerNorm: "norms"}
 
     def walk(module: nnx.Module, frac: float, inherited: str | None):
         if isinstance(module, MoeLayer):
@@ -78,7 +78,8 @@ def count(model: nnx.Module) -> ParamReport:
             mc = module.cfg
             walk(module.experts, frac * min(mc.top_k, mc.num_experts) / mc.num_experts, "experts")
             return
-        comp = types.get(type(module), inherited)
+        # inside an MoE layer the part decides (router, experts, shared experts); elsewhere the type
+        comp = inherited if inherited in ("router", "experts", "shared_experts") else types.get(type(module), inherited)
         for _, var in _own_params(module):
             axes = var.get_metadata().get("logical_axes") or ()
             add(comp or ("embeddings" if "vocab" in axes else "other"), var, frac)

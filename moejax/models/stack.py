@@ -1,7 +1,8 @@
 """What every model family shares around its blocks: a period of blocks, the scan over stacked
 periods, empty KV caches for a scanned stack, and the model-level MoE aux output.
 
-Letters: ``l`` scanned periods, ``b`` batch, ``T`` cache length, ``k`` kv heads, ``x`` head dim.
+Shape letters (README legend): ``l`` scanned periods, ``b`` batch,
+``m`` cache length, ``j`` kv heads, ``x`` head dim.
 """
 
 from __future__ import annotations

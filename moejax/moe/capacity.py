@@ -1,7 +1,7 @@
 """Token groups, expert-capacity arithmetic and slot assignment, all with static shapes.
 
-Letters: ``g`` groups, ``t`` tokens per group, ``e`` experts, ``c`` capacity, ``a`` assignments
-(token, choice) pairs of a group.
+Shape letters (README legend): ``g`` groups, ``t`` tokens per group, ``e`` experts,
+``c`` capacity, ``a`` assignments ((token, choice) pairs) of a group.
 """
 
 from __future__ import annotations

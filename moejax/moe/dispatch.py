@@ -37,7 +37,7 @@ class ExpertCall(Protocol):
         (filled slots) -> ``[e, g, c, d]``."""
 
     def sorted_rows(self, xs: jax.Array, group_sizes: jax.Array) -> jax.Array:
-        """``xs [m, d]`` sorted by expert, ``group_sizes [e]`` -> ``[m, d]``."""
+        """``xs [z, d]`` sorted by expert, ``group_sizes [e]`` -> ``[z, d]``."""
 
 
 def to_experts(buf: jax.Array, rules: Rules) -> jax.Array:

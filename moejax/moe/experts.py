@@ -3,8 +3,8 @@
 ``split-swiglu`` is T5X's / OpenMoE's SwiGLU: the gate projection ``wi_0`` is ``2f`` wide and
 ``h = (g[:f] * silu(g[f:])) * (x wi_1)`` (4 matrices' worth of params per FFN, not 3).
 
-Letters: ``e`` experts, ``n`` tokens in an expert's buffer, ``m`` sorted rows (ragged),
-``d`` d_model, ``f`` d_ff.
+Shape letters (README legend): ``e`` experts, ``g`` groups, ``c`` capacity, ``z`` rows of
+a sorted (ragged) list, ``d`` d_model, ``f`` d_ff.
 """
 
 from __future__ import annotations
@@ -65,10 +65,10 @@ def _kernel(rngs, shape, dtype, axes):
 
 
 def quantize_weight(w: jax.Array, bits: int, group_size: int | None = None) -> tuple[jax.Array, jax.Array]:
-    """Symmetric weight-only quantization of ``w [..., e, din, dout]`` to int8 / int4.
+    """Symmetric weight-only quantization of ``w [..., e, i, o]`` to int8 / int4.
 
-    Scales are per output channel (``[..., e, dout]``) or, with ``group_size``, per group of
-    ``group_size`` input rows and output channel (``[..., e, din/group_size, dout]``);
+    Scales are per output channel (``[..., e, o]``) or, with ``group_size``, per group of
+    ``group_size`` input rows and output channel (``[..., e, i/group_size, o]``);
     ``q = round(w / scale)`` in ``[-(2^(bits-1)-1), 2^(bits-1)-1]``, so ``|w - q*scale| <= scale/2``.
     """
     if bits not in QUANT_BITS:
@@ -198,7 +198,7 @@ class Experts(nnx.Module):
 
     def ragged(self, x: jax.Array, group_sizes: jax.Array, *, deterministic: bool = True,
                rngs: nnx.Rngs | None = None) -> jax.Array:
-        """Grouped-matmul form: ``x [m, d]`` sorted by expert, ``group_sizes [e]`` -> ``[m, d]``.
+        """Grouped-matmul form: ``x [z, d]`` sorted by expert, ``group_sizes [e]`` -> ``[z, d]``.
 
         Rows past ``sum(group_sizes)`` come out as zeros. Uses :func:`moejax.moe.grouped.grouped_matmul`
         (``jax.lax.ragged_dot``, or Megablox on TPU).
@@ -231,15 +231,53 @@ class Experts(nnx.Module):
 
 
 class DenseFFN(nnx.Module):
-    """One always-on FFN ``[..., d] -> [..., d]`` (shared experts; same variants as Experts)."""
+    """The one dense FFN ``[..., d] -> [..., d]``: ``wo(act(x wi + bi)) + bo``, or gated
+    ``wo(act(x wi_0 + bi) * (x wi_1 + bi_1)) + bo`` (same activations as :class:`Experts`). Used as
+    the dense blocks' FFN and as an MoE layer's always-on shared experts.
+
+    Params: ``wi`` / ``wi_0``, ``wi_1`` ``[d, f]`` (``wi_0`` is ``2f`` wide for ``split-swiglu``;
+    logical ``('embed', 'mlp')``), ``wo [f, d]``, optional biases ``bi``, ``bi_1``, ``bo``; kernels
+    fan-in truncated-normal.
+    """
 
     def __init__(self, d_model: int, d_ff: int, *, activation: str = "relu", use_bias: bool = False,
                  dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        self.inner = Experts(1, d_model, d_ff, activation=activation, use_bias=use_bias, dtype=dtype,
-                             param_dtype=param_dtype, expert_axis="unmodeled", rngs=rngs)
+        self.act, self.gated = activation_fn(activation)
+        init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+
+        def param(shape, axes, fn=init):
+            return nnx.Param(fn(rngs.params(), shape, param_dtype), logical_axes=axes)
+
+        up_width = d_ff * gate_width(activation) if self.gated else d_ff
+        if self.gated:
+            self.wi_0 = param((d_model, up_width), ("embed", "mlp"))
+            self.wi_1 = param((d_model, d_ff), ("embed", "mlp"))
+        else:
+            self.wi = param((d_model, d_ff), ("embed", "mlp"))
+        self.wo = param((d_ff, d_model), ("mlp", "embed"))
+        self.use_bias = use_bias
+        if use_bias:
+            zeros = nnx.initializers.zeros
+            self.bi = param((up_width,), ("mlp",), zeros)
+            if self.gated:
+                self.bi_1 = param((d_ff,), ("mlp",), zeros)
+            self.bo = param((d_model,), ("embed",), zeros)
+        self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.inner(x[None])[0]
+        dt = self.dtype
+        x = x.astype(dt)
+        w = lambda name: getattr(self, name)[...].astype(dt)
+        up = x @ w("wi_0" if self.gated else "wi")
+        if self.use_bias:
+            up = up + w("bi")
+        if self.gated:
+            gate = x @ w("wi_1")
+            h = self.act(up) * (gate + w("bi_1") if self.use_bias else gate)
+        else:
+            h = self.act(up)
+        y = h @ w("wo")
+        return y + w("bo") if self.use_bias else y
 
 
 def expert_output_mask(out: jax.Array, rate: float, deterministic: bool, rngs: nnx.Rngs | None) -> jax.Array:

@@ -1,7 +1,7 @@
 """Grouped matmul for the dropless ``ragged`` backend, picked per platform.
 
-``grouped_matmul(x, w, group_sizes)``: rows ``x [m, k]`` sorted by expert, ``group_sizes [e]``
-rows per expert, ``w [e, k, n]`` -> ``[m, n]`` with row block ``i`` multiplied by ``w[i]`` (rows past
+``grouped_matmul(x, w, group_sizes)``: rows ``x [z, i]`` sorted by expert, ``group_sizes [e]``
+rows per expert, ``w [e, i, o]`` -> ``[z, o]`` with row block ``i`` multiplied by ``w[i]`` (rows past
 ``sum(group_sizes)`` are zeros). Implementations (``MoeConfig.grouped_matmul``):
 
 - ``"ragged_dot"``: ``jax.lax.ragged_dot`` — XLA's grouped matmul, on CPU and GPU (cuBLAS grouped
@@ -50,7 +50,7 @@ def _round_up(x: int, m: int) -> int:
 
 
 def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, impl: str = "auto") -> jax.Array:
-    """``x [m, k]`` (sorted by group), ``w [e, k, n]``, ``group_sizes [e]`` int -> ``[m, n]`` in
+    """``x [z, i]`` (sorted by group), ``w [e, i, o]``, ``group_sizes [e]`` int -> ``[z, o]`` in
     ``x.dtype`` (float32 accumulation)."""
     impl = resolve(impl)
     if impl == GroupedMatmul.RAGGED_DOT:

@@ -1,7 +1,7 @@
 """MoeLayer: router + capacity + dispatch backend + experts, returning output and MoeStats.
 
-Letters: ``b`` batch, ``s`` sequence, ``d`` d_model, ``g`` groups, ``t`` tokens per group,
-``e`` experts, ``c`` capacity.
+Shape letters (README legend): ``b`` batch, ``s`` sequence, ``d`` d_model, ``g`` groups,
+``t`` tokens per group, ``e`` experts, ``c`` capacity.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """RoutingPlan: the one data structure between routing and dispatch.
 
-Letters: ``g`` groups, ``t`` tokens per group, ``e`` experts, ``k`` top-k, ``c`` capacity,
-``a`` assignments per group, ``n`` buffer slots per group (``e * c``), ``d`` d_model.
+Shape letters (README legend): ``g`` groups, ``t`` tokens per group, ``e`` experts,
+``k`` top-k, ``c`` capacity, ``a`` assignments per group, ``r`` router outputs, ``d`` d_model.
 
 A plan is a flat list of assignments per group, each a (token, expert, slot, weight) tuple with
 ``routed`` (asked for an expert) and ``kept`` (got a slot) masks. The order of the assignments is
@@ -9,8 +9,8 @@ the plan's *layout*, and each layout is its own class:
 
 * :class:`TokenChoicePlan` (tokens choose): ``a = k * t``, assignment ``j * t + i`` is token
   ``i``'s ``j``-th choice; all first choices come before any second choice.
-* :class:`ExpertChoicePlan` (experts choose): ``a = e * c``, assignment ``x * c + s`` is slot ``s``
-  of expert ``x``.
+* :class:`ExpertChoicePlan` (experts choose): ``a = e * c``, assignment ``i * c + j`` is slot ``j``
+  of expert ``i``.
 
 The few operations whose fastest form depends on the layout are methods of the plan (dense
 one-hot tensors, buffer fill and collect, the ragged unsort, drop counts), so the dispatch backends
@@ -80,15 +80,15 @@ class RoutingPlan:
         raise NotImplementedError
 
     def slot_tokens(self) -> jax.Array:
-        """``[g, n]`` int32: the token in each buffer slot, ``t`` (a sentinel) where empty."""
+        """``[g, e*c]`` int32: the token in each buffer slot, ``t`` (a sentinel) where empty."""
         raise NotImplementedError
 
     def fill(self, x: jax.Array) -> jax.Array:
-        """``x [g, t, d]`` -> buffers ``[g, n, d]`` (empty slots are 0)."""
+        """``x [g, t, d]`` -> buffers ``[g, e*c, d]`` (empty slots are 0)."""
         raise NotImplementedError
 
     def collect(self, out: jax.Array) -> jax.Array:
-        """Expert outputs ``[g, n, d]`` -> ``[g, t, d]``, weighted and summed per token."""
+        """Expert outputs ``[g, e*c, d]`` -> ``[g, t, d]``, weighted and summed per token."""
         raise NotImplementedError
 
     def collect_sorted(self, ys: jax.Array, order: jax.Array) -> jax.Array:
@@ -133,7 +133,7 @@ class TokenChoicePlan(RoutingPlan):
             self._dest(n), self.token)   # n is out of bounds -> dropped
 
     def slot_assignments(self) -> jax.Array:
-        """``[g, n]`` int32: the assignment held by each buffer slot (0 where empty)."""
+        """``[g, e*c]`` int32: the assignment held by each buffer slot (0 where empty)."""
         n, a = self.num_experts * self.capacity, self.token.shape[1]
         return jax.vmap(lambda dd: jnp.zeros((n,), jnp.int32).at[dd].set(jnp.arange(a, dtype=jnp.int32),
                                                                          mode="drop"))(self._dest(n))

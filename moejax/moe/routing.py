@@ -1,9 +1,9 @@
 """Routers: each turns a group of tokens into one :class:`~moejax.moe.plan.RoutingPlan` plus its
 :class:`RouterLosses`.
 
-Letters: ``g`` groups, ``t`` tokens per group, ``e`` experts, ``r`` router outputs (``e`` unless
-experts were merged), ``k`` top-k, ``c`` capacity, ``a`` assignments per group, ``d`` d_model,
-``b`` batch, ``n`` tasks.
+Shape letters (README legend): ``g`` groups, ``t`` tokens per group, ``e``
+experts, ``r`` router outputs (``e`` unless experts were merged), ``k`` top-k, ``c`` capacity, ``a``
+assignments per group, ``d`` d_model, ``b`` batch.
 
 Every router is an ``nnx.Module`` with one call signature,
 ``router(x [g, t, d], mask [g, t], *, deterministic, rngs, task_ids=None) -> (plan, losses)``, and
@@ -15,7 +15,7 @@ state, :meth:`Router.logits`):
 * :class:`TopKRouter`: tokens choose their top-k experts (Switch k=1, GShard / Mixtral k=2).
 * :class:`NoisyTopKRouter`: Shazeer et al. 2017 noisy top-k gating with importance / load losses.
 * :class:`ExpertChoiceRouter`: each expert takes its top-C tokens (Zhou et al. 2022; not causal).
-* :class:`TaskRouter`: task-level routing from a learned ``[tasks, e]`` logit table.
+* :class:`TaskRouter`: task-level routing from a learned ``[num_tasks, r]`` logit table.
 
 :func:`moejax.moe.factory.make_router` maps ``MoeConfig.router`` to these classes.
 """
@@ -205,7 +205,7 @@ class ExpertChoiceRouter(LinearRouter):
 
 
 class TaskRouter(Router):
-    """Task-level routing: a learned logit table ``table [n, r]`` (logical ``('unmodeled',
+    """Task-level routing: a learned logit table ``table [num_tasks, r]`` (logical ``('unmodeled',
     'unmodeled')``) indexed by each example's task id; every token of an example goes to the same
     top-k experts (dropless, weights renormalised over the k). No jitter (the logits do not depend
     on the tokens)."""

@@ -1,8 +1,9 @@
 """Row primitives of the dispatch backends: batched row gathers, the sum over top-k choices, and
 the token <-> buffer-slot moves with gather-only custom VJPs.
 
-Letters: ``g`` groups, ``t`` tokens per group, ``k`` choices per token, ``a`` assignments per
-group (``k * t``, choice-major), ``n`` buffer slots per group (``e * c``), ``d`` d_model.
+Shape letters (README legend): ``g`` groups, ``t`` tokens per group, ``k`` choices
+per token, ``a`` assignments per group (``k * t``, choice-major), ``e * c`` buffer slots per group,
+``z`` rows, ``d`` d_model.
 
 XLA:CPU runs a reduction over a non-minor axis ~50x slower than ``k - 1`` adds and a fused
 multiply + reduction of gathered rows ~15x slower than a batched dot, so both are written that way
@@ -19,7 +20,7 @@ import jax.numpy as jnp
 
 
 def take_rows(x: jax.Array, idx: jax.Array) -> jax.Array:
-    """``x [g, n, d]``, ``idx [g, m]`` -> ``[g, m, d]`` (a batched row gather: one slice of ``d``
+    """``x [g, z, d]``, ``idx [g, a]`` -> ``[g, a, d]`` (a batched row gather: one slice of ``d``
     per index, not an element-wise ``take_along_axis``, which is 2x slower on XLA:CPU)."""
     return jax.vmap(lambda a, i: jnp.take(a, i, axis=0, mode="clip"))(x, idx)
 
@@ -48,7 +49,7 @@ def pad_row(x: jax.Array) -> jax.Array:
 def dispatch_rows(x, src, idx, kept):
     """Fill the buffers: ``buf[g, s] = x[g, src[g, s]]`` (0 where ``src == t``, an empty slot).
 
-    ``x [g, t, d]``, ``src [g, n]``. ``idx`` / ``kept [g, k*t]`` are the inverse map
+    ``x [g, t, d]``, ``src [g, e*c]``. ``idx`` / ``kept [g, k*t]`` are the inverse map
     (token-major assignment -> slot) so that the backward pass is a gather, not a scatter-add.
     """
     return take_rows(pad_row(x), src)
@@ -72,8 +73,8 @@ dispatch_rows.defvjp(_dispatch_fwd, _dispatch_bwd)
 def combine_rows(t, out, w, idx, src, slot_assign):
     """``y[g, i] = sum_j w[g, j*t+i] * out[g, idx[g, j*t+i]]`` -> ``[g, t, d]``.
 
-    ``out [g, n, d]``; ``w`` / ``idx [g, k*t]`` (w = 0 where not kept). ``src [g, n]``
-    (slot -> token, ``t`` if empty) and ``slot_assign [g, n]`` (slot -> assignment) make the
+    ``out [g, e*c, d]``; ``w`` / ``idx [g, k*t]`` (w = 0 where not kept). ``src [g, e*c]``
+    (slot -> token, ``t`` if empty) and ``slot_assign [g, e*c]`` (slot -> assignment) make the
     backward pass a gather.
     """
     rows = take_rows(out, idx) * w[..., None].astype(out.dtype)
@@ -89,7 +90,7 @@ def _combine_bwd(t, res, dy):
     g, _, d = out.shape
     k = idx.shape[1] // t
     w_slot = jnp.where(src < t, jnp.take_along_axis(w, jnp.minimum(slot_assign, w.shape[1] - 1), axis=1), 0.0)
-    dout = take_rows(pad_row(dy), src) * w_slot[..., None].astype(dy.dtype)  # [g, n, d]
+    dout = take_rows(pad_row(dy), src) * w_slot[..., None].astype(dy.dtype)  # [g, e*c, d]
     # dw[g, j*t+i] = <out[g, idx[g, j*t+i]], dy[g, i]>: a batched dot (XLA:CPU runs the fused
     # multiply + minor-axis reduction of the same product ~15x slower)
     rows = take_rows(out, idx).reshape(g, k, t, d)
@@ -101,6 +102,6 @@ combine_rows.defvjp(_combine_fwd, _combine_bwd)
 
 
 def scatter_rows(rows: jax.Array, token: jax.Array, t: int) -> jax.Array:
-    """``rows [g, m, d]`` added into ``[g, t, d]`` at ``token [g, m]`` (a scatter-add)."""
+    """``rows [g, a, d]`` added into ``[g, t, d]`` at ``token [g, a]`` (a scatter-add)."""
     d = rows.shape[-1]
     return jax.vmap(lambda r, tok: jnp.zeros((t, d), rows.dtype).at[tok].add(r))(rows, token)

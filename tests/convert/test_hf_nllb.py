@@ -41,6 +41,7 @@ def test_nllb_logits_match(tmp_path, kw):
     hf.save_pretrained(tmp_path, safe_serialization=True)
     model, cfg = from_hf(str(tmp_path))
     assert cfg.moe.top_k == 2 and cfg.moe.weight_norm == "kept"
+    assert (cfg.pad_id, cfg.decoder_start_id) == (1, 2)        # from pad_token_id / decoder_start_token_id
     logits, aux = model(jnp.asarray(ENC), jnp.asarray(DEC), deterministic=True)
     with torch.no_grad():
         ref = hf(input_ids=torch.tensor(ENC), decoder_input_ids=torch.tensor(DEC)).logits.numpy()

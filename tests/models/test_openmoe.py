@@ -7,12 +7,13 @@ from flax import nnx
 
 from moejax.models import Decoder
 from moejax.models.decoder import DecoderBlock
-from moejax.models.layers import Attention, Mlp
+from moejax.models.layers import Attention
 from moejax.models.registry import get_config
+from moejax.moe import DenseFFN
 
 
 def test_split_swiglu_mlp_matches_formula():
-    mlp = Mlp(8, 6, activation="split-swiglu", rngs=nnx.Rngs(0))
+    mlp = DenseFFN(8, 6, activation="split-swiglu", rngs=nnx.Rngs(0))
     assert mlp.wi_0[...].shape == (8, 12) and mlp.wi_1[...].shape == (8, 6)
     x = np.asarray(jax.random.normal(jax.random.key(1), (3, 8)), np.float64)
     g, up = x @ np.asarray(mlp.wi_0[...]), x @ np.asarray(mlp.wi_1[...])

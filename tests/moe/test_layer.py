@@ -247,7 +247,7 @@ def test_shared_experts_added():
     shared = layer.shared(x)
     fwd, _ = ref_moe(layer_params(layer), x, layer.cfg)
     np.testing.assert_allclose(y, fwd(layer_params(layer), x) + shared, atol=1e-5)
-    assert layer.shared.inner.wi[...].shape == (1, D, 8)
+    assert layer.shared.wi[...].shape == (D, 8)
 
 
 def test_expert_dropout_train_only():
