@@ -33,10 +33,10 @@ from moejax.training.state import StepFns
 from moejax.training.upcycle import upcycle_params
 from moejax.training.writers import MetricWriter
 
-__all__ = ["LossConfig", "TrainConfig", "load_for_eval", "run_eval", "run_infer", "train"]
+__all__ = ["LossConfig", "TrainConfig", "load_for_eval", "make_run_mesh", "run_eval", "run_infer", "train"]
 
 
-def _mesh(shape, dcn_shape=None):
+def make_run_mesh(shape, dcn_shape=None):
     """The run's mesh (``moejax.mesh.create_mesh``): over all devices, or in a single process over
     the first N when the shape's N divides the device count."""
     slices = int(np.prod([int(v) for v in (dcn_shape or {}).values()]))
@@ -62,7 +62,7 @@ def train(model_dir: str, model_cfg, cfg: TrainConfig, optimizer=None, rules=DEF
     optimizer = optimizer or make_optimizer()
     if cfg.train_steps < 1:
         raise ValueError(f"train_steps must be >= 1, got {cfg.train_steps}")
-    mesh = _mesh(cfg.mesh_shape, cfg.dcn_mesh_shape)
+    mesh = make_run_mesh(cfg.mesh_shape, cfg.dcn_mesh_shape)
     enc_dec = isinstance(model_cfg, EncDecConfig)
     data.get_provider(cfg.mixture_or_task)          # fail fast on a name typo
     data.check_truncation(cfg.mixture_or_task, cfg.task_feature_lengths)
@@ -158,7 +158,7 @@ def load_for_eval(model_dir: str, model_cfg, cfg: TrainConfig, checkpoint: str |
     """``(StepFns, params, step)`` from ``model_dir``'s latest checkpoint or from ``checkpoint``."""
     import optax
 
-    mesh = _mesh(cfg.mesh_shape, cfg.dcn_mesh_shape)
+    mesh = make_run_mesh(cfg.mesh_shape, cfg.dcn_mesh_shape)
     fns = StepFns(model_cfg, optax.identity(), mesh, loss=cfg.loss, seed=cfg.seed)
     if checkpoint:
         return fns, load_params(checkpoint, fns.abstract_state().params, expect=model_cfg), 0

@@ -19,7 +19,7 @@ from moejax.training.checkpoints import check_model_dir
 from moejax.training.loss import LossConfig, cross_entropy
 from moejax.training.optim import make_optimizer, make_schedule
 from moejax.training.state import StepFns
-from moejax.training.trainer import TrainConfig, _mesh, train
+from moejax.training.trainer import TrainConfig, make_run_mesh, train
 from moejax.training.upcycle import upcycle_params
 
 VOCAB = 512
@@ -119,7 +119,7 @@ def test_freeze_by_role(make_test_mesh, freeze, frozen, trained):
 
 
 def test_microbatches_match_one_batch(make_test_mesh):
-    mesh = _mesh({"data": 2})
+    mesh = make_run_mesh({"data": 2})
     batch = fake_batch(b=8)
     out = []
     for m in (1, 2, 4):
@@ -149,7 +149,7 @@ def trained_dir(tmp_path_factory):
 @pytest.mark.parametrize("shape", [{"data": 8}, {"data": 1}, {"data": 2, "expert": 2, "model": 2}])
 def test_restore_onto_other_meshes(trained_dir, shape):
     d, params = trained_dir
-    mesh = _mesh(shape)
+    mesh = make_run_mesh(shape)
     fns = StepFns(tiny(), make_optimizer("adafactor", 0.01, schedule="constant").tx, mesh)
     ck = Checkpointer(d)
     assert ck.latest_step() == 2
@@ -202,7 +202,7 @@ def test_sparse_upcycling_copies_the_dense_ffn(make_test_mesh):
 
 def test_mesh_and_batch_errors(devices):
     with pytest.raises(ValueError, match=r"mesh \{'data': 3\} needs 3 devices, which does not divide the 8"):
-        _mesh({"data": 3})
+        make_run_mesh({"data": 3})
     mesh = make_mesh({"data": 8})
     with pytest.raises(ValueError, match="global batch size 6 is not divisible by the 8 batch shards"):
         to_global(fake_batch(b=6), mesh)
