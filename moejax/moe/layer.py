@@ -199,7 +199,9 @@ class MoeLayer(nnx.Module):
         y = self.backend(xg, plan, call).reshape(b, s, d)
         if self.shared is not None:
             y = y + self.shared(x.astype(cfg.dtype)).astype(y.dtype)
-        stats = _stats(plan, losses + getattr(call, "losses", RouterLosses.zeros()), mask, s)
+        if isinstance(call, HierarchicalCall):          # the inner layers' losses, averaged over the experts
+            losses = losses + call.losses
+        stats = _stats(plan, losses, mask, s)
         return y.astype(x.dtype), stats
 
 
