@@ -49,14 +49,12 @@ def _imports(mod: str) -> set[str]:
                 stem = ".".join(base + ([node.module] if node.module else []))
             else:
                 stem = node.module or ""
-            names = [stem] + [f"{stem}.{a.name}" for a in node.names]
             # `from pkg import name` imports the package (and the submodule, if name is one)
-            names = [n for n in names if _resolve(n) is not None]
-            names = list({_resolve(n) for n in names if _resolve(n) != _resolve(stem)} | {_resolve(stem)})
+            names = [stem] + [f"{stem}.{a.name}" for a in node.names]
         else:
             continue
         for n in names:
-            r = _resolve(n) if n else None
+            r = _resolve(n)
             if r and r != mod:
                 found.add(r)
     return found

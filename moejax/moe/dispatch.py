@@ -117,4 +117,4 @@ class RaggedBackend(Backend):
         g, t, d = x.shape
         order, group_sizes, rows = plan.sort_by_expert()
         ys = experts.sorted_rows(jnp.take(x.reshape(g * t, d), rows, axis=0), group_sizes)
-        return plan.collect_sorted(ys, order)
+        return plan.collect_sorted(ys, order, rows)

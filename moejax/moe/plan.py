@@ -91,8 +91,9 @@ class RoutingPlan:
         """Expert outputs ``[g, e*c, d]`` -> ``[g, t, d]``, weighted and summed per token."""
         raise NotImplementedError
 
-    def collect_sorted(self, ys: jax.Array, order: jax.Array) -> jax.Array:
-        """Ragged outputs ``ys [g*a, d]`` in :meth:`sort_by_expert` order -> ``[g, t, d]``."""
+    def collect_sorted(self, ys: jax.Array, order: jax.Array, rows: jax.Array) -> jax.Array:
+        """Ragged outputs ``ys [g*a, d]`` in :meth:`sort_by_expert` order (``order`` and the global
+        token ``rows`` it returned) -> ``[g, t, d]``."""
         raise NotImplementedError
 
     def drop_counts(self, mask: jax.Array, token_dropped: jax.Array, pos: jax.Array, seq_len: int):
@@ -146,7 +147,7 @@ class TokenChoicePlan(RoutingPlan):
         return combine_rows(self.tokens_per_group, out, w, self._dest(0), self.slot_tokens(),
                             self.slot_assignments())
 
-    def collect_sorted(self, ys: jax.Array, order: jax.Array) -> jax.Array:
+    def collect_sorted(self, ys: jax.Array, order: jax.Array, rows: jax.Array) -> jax.Array:
         g, a = self.token.shape
         inv = jnp.argsort(order)
         rows = jnp.take(ys, inv, axis=0) * self.kept_weight().reshape(-1).astype(ys.dtype)[:, None]
@@ -189,11 +190,10 @@ class ExpertChoicePlan(RoutingPlan):
         rows = out * self.kept_weight()[..., None].astype(out.dtype)
         return scatter_rows(rows, self.token, self.tokens_per_group)
 
-    def collect_sorted(self, ys: jax.Array, order: jax.Array) -> jax.Array:
-        g, t = self.token.shape[0], self.tokens_per_group
-        _, _, rows_of = self.sort_by_expert()
-        rows = ys * self.kept_weight().reshape(-1)[order][:, None].astype(ys.dtype)
-        return jnp.zeros((g * t, ys.shape[-1]), ys.dtype).at[rows_of].add(rows).reshape(g, t, ys.shape[-1])
+    def collect_sorted(self, ys: jax.Array, order: jax.Array, rows: jax.Array) -> jax.Array:
+        g, t, d = self.token.shape[0], self.tokens_per_group, ys.shape[-1]
+        weighted = ys * self.kept_weight().reshape(-1)[order][:, None].astype(ys.dtype)
+        return jnp.zeros((g * t, d), ys.dtype).at[rows].add(weighted).reshape(g, t, d)
 
     def drop_counts(self, mask, token_dropped, pos, seq_len):
         tok_dropped = token_dropped
