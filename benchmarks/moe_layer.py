@@ -18,11 +18,20 @@ Two floor rows per cell bound what any capacity-bucket backend can reach on this
     python benchmarks/moe_layer.py                 # the full grid (about 15 minutes on 2 CPU cores)
     python benchmarks/moe_layer.py --quick         # E in {8, 128}, k=2, cf=1.25
     python benchmarks/moe_layer.py --scaling       # E=128 k=2 cf=1.25 at 4096..16384 tokens per group
+    python benchmarks/moe_layer.py --dropless      # dropless SwiGLU: bucket vs gather C=t vs ragged vs HF
+
+``--dropless`` times, for (E=8, k=2, f=3.5d: Mixtral-shaped), (E=64, k=8, f=d/2) and (E=128, k=8,
+f=d/2), fwd+bwd and forward-only of the dropless layer with each backend against the equal-FLOP
+dense FFN, the experts alone at the mean load (the useful FLOPs, a floor), the largest expert
+load and the capacity the ``bucket`` backend chose; and, when torch and transformers are
+installed, Hugging Face's ``MixtralSparseMoeBlock`` forward (2 torch threads) on the same tokens
+with the same weights (its output is checked against moejax's).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import resource
 
 import jax
@@ -77,6 +86,112 @@ def experts_floor(e, k, cf, tokens, d, f, args):
     buf = jax.random.normal(jax.random.key(3), (e, c, d), dt)
     cot = jax.random.normal(jax.random.key(4), buf.shape, dt)
     return fwd_bwd(experts, lambda m, x: m(x)), (buf, cot)
+
+
+def hf_block(layer, e, k, d, f):
+    """HF's ``MixtralSparseMoeBlock`` holding ``layer``'s weights, or None without torch/transformers."""
+    try:
+        import numpy as np
+        import torch
+        from transformers import MixtralConfig
+        from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+    except ImportError:
+        return None
+    torch.set_num_threads(2)
+    cfg = MixtralConfig(hidden_size=d, intermediate_size=f, num_local_experts=e, num_experts_per_tok=k,
+                        router_jitter_noise=0.0)
+    block = MixtralSparseMoeBlock(cfg).eval()
+    t = lambda a: torch.from_numpy(np.array(a, np.float32))
+    with torch.no_grad():
+        block.gate.weight.copy_(t(layer.router.kernel[...]).T)
+        for i, ex in enumerate(block.experts):
+            ex.w1.weight.copy_(t(layer.experts.wi_0[...][i]).T)
+            ex.w3.weight.copy_(t(layer.experts.wi_1[...][i]).T)
+            ex.w2.weight.copy_(t(layer.experts.wo[...][i]).T)
+    return block
+
+
+def time_torch(block, x, reps: int) -> tuple[float, object]:
+    import statistics
+    import time
+
+    import numpy as np
+    import torch
+
+    xt = torch.from_numpy(np.array(x, np.float32))
+    with torch.no_grad():
+        out = block(xt)[0]
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            block(xt)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times), out.numpy()
+
+
+def run_dropless(args):
+    """The ``--dropless`` table (see the module docstring)."""
+    tokens, d = args.tokens, args.d_model
+    dt = jnp.dtype(args.dtype)
+    x = jax.random.normal(jax.random.key(1), (tokens // args.seq, args.seq, d), dt)
+    cot = jax.random.normal(jax.random.key(2), x.shape, dt)
+    cells = [(8, 2, 7 * d // 2), (64, 8, d // 2), (128, 8, d // 2)]
+    if args.quick:
+        cells = cells[:2]
+    print(f"# dropless MoE layer, {tokens} tokens in one group, d_model={d}, swiglu, {args.dtype}, jax "
+          f"{jax.__version__} on {jax.devices()[0].device_kind}\n")
+    print("| E | k | f | backend | max load / mean | capacity used | fwd+bwd ms | /dense | forward ms | /dense fwd |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    on_cpu = jax.devices()[0].platform == "cpu"
+    hf_rows = []
+    for e, k, f in cells:
+        dense = DenseFFN(d, k * f, activation="swiglu", dtype=dt, param_dtype=dt, rngs=nnx.Rngs(0))
+        grads = {"dense": (fwd_bwd(dense, lambda m, x: m(x)), (x, cot))}
+        fwds = {"dense": (jax.jit(lambda x, m=dense: m(x)), (x,))}
+        mean = tokens * k / e
+        from moejax.moe import Experts
+        floor = Experts(e, d, f, activation="swiglu", dtype=dt, param_dtype=dt, rngs=nnx.Rngs(0))
+        fbuf = jax.random.normal(jax.random.key(3), (e, int(math.ceil(mean)), d), dt)
+        fcot = jax.random.normal(jax.random.key(4), fbuf.shape, dt)
+        grads["floor"] = (fwd_bwd(floor, lambda m, x: m(x)), (fbuf, fcot))
+        fwds["floor"] = (jax.jit(lambda b, m=floor: m(b)), (fbuf,))
+        stats, layers = {}, {}
+        for backend in args.backends:
+            if backend == "ragged" and on_cpu and e > args.ragged_max_experts_cpu:
+                continue
+            cfg = MoeConfig(num_experts=e, d_model=d, d_ff=f, top_k=k, activation="swiglu", weight_norm="topk",
+                            dropless=True, dtype=dt, param_dtype=dt, max_group_size=tokens, backend=backend)
+            layer = layers[backend] = MoeLayer(cfg, rngs=nnx.Rngs(0))
+            _, stats[backend] = layer(x, deterministic=True)
+            grads[backend] = (fwd_bwd(layer, lambda m, x: m(x, deterministic=True)[0]), (x, cot))
+            fwds[backend] = (jax.jit(lambda x, m=layer: m(x, deterministic=True)[0]), (x,))
+        tg = interleaved(grads, rounds=args.rounds, reps=args.reps)
+        tf = interleaved(fwds, rounds=args.rounds, reps=args.reps)
+        def row(key, name, load, cap, e=e, k=k, f=f, tg=tg, tf=tf):
+            print(f"| {e} | {k} | {f} | {name} | {load} | {cap} | {tg[key] * 1e3:.0f} | {tg[key] / tg['dense']:.2f} | "
+                  f"{tf[key] * 1e3:.0f} | {tf[key] / tf['dense']:.2f} |", flush=True)
+
+        row("dense", f"*dense FFN, d_ff={k * f}*", "-", "-")
+        row("floor", "*experts only at the mean load (floor)*", "1.00", f"{int(math.ceil(mean))}")
+        for key, st in stats.items():
+            name = {"gather": "gather (C = t)"}.get(key, key)
+            row(key, name, f"{int(st.max_expert_load) / mean:.2f}", f"{int(st.capacity_used)}")
+        layer = layers.get("bucket") or next(iter(layers.values()))
+        block = hf_block(layer, e, k, d, f)
+        if block is not None:
+            t_hf, y_hf = time_torch(block, x, args.reps)
+            y = fwds["bucket" if "bucket" in fwds else next(k for k in fwds if k not in ("dense", "floor"))][0](x)
+            err = float(jnp.max(jnp.abs(jnp.asarray(y_hf) - y)))
+            hf_rows.append((e, k, f, t_hf, tf.get("bucket", float("nan")), tf["dense"], err))
+    if hf_rows:
+        print("\n| E | k | f | HF MixtralSparseMoeBlock forward ms (2 torch threads) | moejax bucket forward ms | "
+              "moejax / HF | dense FFN forward ms | max abs diff |")
+        print("|---|---|---|---|---|---|---|---|")
+        for e, k, f, t_hf, t_mx, t_dense, err in hf_rows:
+            print(f"| {e} | {k} | {f} | {t_hf * 1e3:.0f} | {t_mx * 1e3:.0f} | {t_mx / t_hf:.2f} | "
+                  f"{t_dense * 1e3:.0f} | {err:.1e} |")
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"\npeak RSS {rss:.0f} MiB")
 
 
 def run(args):
@@ -150,9 +265,15 @@ def main():
     p.add_argument("--ragged_max_experts_cpu", type=int, default=8,
                    help="on CPU, run the ragged backend only up to this many experts")
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--dropless", action="store_true", help="the dropless table (backends bucket, gather, ragged)")
     p.add_argument("--scaling", action="store_true",
                    help="E=128, k=2, cf=1.25, gather, one group of 4096, 8192 and 16384 tokens")
     args = p.parse_args()
+    if args.dropless:
+        if args.backends == p.get_default("backends"):
+            args.backends = ["bucket", "gather", "ragged"]
+        run_dropless(args)
+        return
     if args.quick:
         args.experts, args.top_k, args.cf = [8, 128], [2], [1.25]
     if args.scaling:

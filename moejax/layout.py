@@ -13,7 +13,9 @@ What is computed, per device:
 - MoE buffers of one layer in a train step: the dispatched tokens ``[g, e, c, d]`` on both sides of
   the all-to-all (groups over the batch axes before, experts over ``expert`` after), and the experts'
   hidden activations ``[e, g, c, f']`` (``f'`` = every d_ff-wide tensor: 2 f for SwiGLU); ``g``
-  and ``c`` exactly as ``MoeLayer`` computes them, with ``MoeConfig.group_multiple`` set to the batch
+  and ``c`` exactly as ``MoeLayer`` computes them (for the dropless ``bucket`` backend ``c`` is its
+  largest bucket, and what a layer keeps for the backward pass is its per-assignment rows
+  ``[g, t*k, d + f']``; one layer's buffers are live at a time), with ``MoeConfig.group_multiple`` set to the batch
   shards. A dimension that does not divide its shards stays whole, as ``moejax.sharding.constrain``
   leaves it;
 - flags: a parameter of >= 2**20 elements that no mesh axis splits although the mesh has a ``model``
@@ -39,7 +41,7 @@ from moejax.models.registry import get_config
 from moejax.moe import MoeLayer, Router
 from moejax.moe.capacity import num_groups
 from moejax.moe.experts import ffn_matrices
-from moejax.moe.factory import backend_class
+from moejax.moe.factory import backend_class, resolve_backend
 from moejax.sharding import DEFAULT_RULES, Rules, logical_to_spec, spec_divisor, state_shardings, variable_logical_axes
 from moejax.training.optim import make_optimizer
 from moejax.training.state import opt_state_shardings
@@ -66,6 +68,7 @@ class Layout:
     groups: int = 0
     capacity: int = 0
     backend: str = "-"
+    kept: float | None = None  # bytes one MoE layer keeps for the backward pass (None: 2 * dispatch + hidden)
     replicated: float = 0.0    # bytes of parameters no mesh axis splits (incl. the routers, by design)
     flags: list = dataclasses.field(default_factory=list)
 
@@ -75,8 +78,11 @@ class Layout:
 
     @property
     def moe_total(self) -> float:
-        """All MoE layers' buffers kept for the backward pass (dispatched in + combined out + hidden)."""
-        return self.moe_layers * (2 * self.dispatch + self.hidden)
+        """All MoE layers' buffers kept for the backward pass (dispatched in + combined out + hidden);
+        for ``bucket``, every layer's per-assignment residual rows plus one layer's buffers."""
+        if self.kept is None:
+            return self.moe_layers * (2 * self.dispatch + self.hidden)
+        return self.moe_layers * self.kept + 2 * self.dispatch + self.hidden
 
     def row(self) -> str:
         gib, mib = 2.0**30, 2.0**20
@@ -188,7 +194,7 @@ def layout(cfg, mesh_shape: dict, batch: int, lengths: dict, *, name: str = "", 
 
     # MoE buffers: the largest layer (encoder layers see the inputs, decoder layers the targets)
     batch_shards = spec_divisor(logical_to_spec(("batch",), rules, mesh), mesh, 0)
-    worst = (0.0, 0.0, 0, 0)
+    worst = (0.0, 0.0, 0, 0, None)
     for path, node in nnx.iter_graph(model):
         if not isinstance(node, MoeLayer):
             continue
@@ -210,13 +216,13 @@ def layout(cfg, mesh_shape: dict, batch: int, lengths: dict, *, name: str = "", 
                 out.flags.append(flag)
         t = tokens // g
         e = mcfg.num_experts
-        c = node.capacity(t, deterministic=False)          # the layer's own rule (train capacity factor)
+        c = node.buffer_capacity(t, deterministic=False)   # the layer's own rule (train capacity factor)
         d, f = mcfg.d_model, mcfg.d_ff * (ffn_matrices(mcfg.activation) - 1)
-        out.backend = mcfg.backend
-        if not backend_class(mcfg.backend).expert_parallel:  # one sorted [tokens * k, d] list on every device
+        out.backend = resolve_backend(mcfg).value
+        if not backend_class(mcfg).expert_parallel:  # one sorted [tokens * k, d] list on every device
             rows = tokens * min(mcfg.top_k, e)
             side, hidden = rows * d * act_bytes, rows * f * act_bytes
-            flag = f"{mcfg.backend} dispatch is not expert-parallel: [tokens*k, d] whole on every device"
+            flag = f"{out.backend} dispatch is not expert-parallel: [tokens*k, d] whole on every device"
             if flag not in out.flags:
                 out.flags.append(flag)
         else:
@@ -224,9 +230,13 @@ def layout(cfg, mesh_shape: dict, batch: int, lengths: dict, *, name: str = "", 
             after = _buffer_bytes((e, g, c, d), ("expert", "expert_group", "capacity", "embed"), mesh, rules, act_bytes)
             side = max(before, after)
             hidden = _buffer_bytes((e, g, c, f), ("expert", "expert_group", "capacity", "mlp"), mesh, rules, act_bytes)
+        kept = None
+        if out.backend == "bucket":       # residuals: each assignment's output and up-projection rows
+            a = t * min(mcfg.top_k, mcfg.router_width)
+            kept = _buffer_bytes((g, a, d + f), ("batch", None, "embed"), mesh, rules, act_bytes)
         if side > worst[0]:
-            worst = (side, hidden, g, c)
-    out.dispatch, out.hidden, out.groups, out.capacity = worst
+            worst = (side, hidden, g, c, kept)
+    out.dispatch, out.hidden, out.groups, out.capacity, out.kept = worst
     return out
 
 

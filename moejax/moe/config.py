@@ -7,6 +7,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from moejax.moe.bucket import DEFAULT_BUCKETS
 from moejax.moe.factory import check_config, router_class
 from moejax.moe.options import (
     QUANT_BITS,
@@ -51,7 +52,12 @@ class MoeConfig:
     Capacity (see :func:`moejax.moe.capacity.expert_capacity`)
       capacity_factor_train / capacity_factor_eval: chosen by the explicit ``deterministic`` flag.
       min_capacity: lower bound on C.
-      dropless: no capacity limit (every routed token is processed).
+      dropless: no capacity limit (every routed token is processed). With the default backend
+        (``"auto"`` -> ``"bucket"``) the layer computes with the smallest capacity of a compiled ladder
+        that holds the largest expert load, so the cost follows the real loads.
+      capacity_buckets: the ladder's capacity factors (slots per expert = ``f * k * t / e``, rounded
+        up to a multiple of 8, at most ``t``); loads above the largest run several rounds of it, so
+        its size bounds the dispatch buffers (:mod:`moejax.moe.bucket`).
       max_group_size: tokens are regrouped into groups of at most this many tokens.
       group_multiple: the number of groups is made a multiple of this (set it to the number of batch
         shards so the group axis can be sharded).
@@ -77,10 +83,11 @@ class MoeConfig:
       dtype: compute dtype of the experts; param_dtype: parameter dtype. The router computes in
       ``router_dtype`` — float32 by default ("selective precision"); bfloat16 exists for the
       ablation in ``experiments/router_precision.py``; its logits are cast to float32 either way.
-      backend: ``"gather"`` (default), ``"einsum"`` or ``"ragged"``. grouped_matmul: the ragged
-      backend's kernel, ``"auto"`` (Megablox on TPU, else ``jax.lax.ragged_dot``), ``"ragged_dot"`` or
-      ``"megablox"`` (:mod:`moejax.moe.grouped`). axis_rules: the
-      logical -> mesh axis table for activation constraints.
+      backend: ``"auto"`` (default: ``"bucket"`` when dropless, else ``"gather"``), ``"bucket"``
+        (dropless only), ``"gather"``, ``"einsum"`` or ``"ragged"``; see :mod:`moejax.moe.dispatch`.
+      grouped_matmul: the ragged backend's kernel, ``"auto"`` (Megablox on TPU, else
+      ``jax.lax.ragged_dot``), ``"ragged_dot"`` or ``"megablox"`` (:mod:`moejax.moe.grouped`).
+      axis_rules: the logical -> mesh axis table for activation constraints.
     """
 
     num_experts: int = 8
@@ -99,6 +106,7 @@ class MoeConfig:
     capacity_factor_eval: float = 2.0
     min_capacity: int = 4
     dropless: bool = False
+    capacity_buckets: tuple = DEFAULT_BUCKETS
     max_group_size: int = 4096
     group_multiple: int = 1
     sequence_groups: bool = False
@@ -113,7 +121,7 @@ class MoeConfig:
     expert_map: tuple | None = None
     quant_bits: int | None = None
     quant_group_size: int | None = None
-    backend: str = "gather"
+    backend: str = "auto"
     grouped_matmul: str = "auto"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32

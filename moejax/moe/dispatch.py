@@ -10,6 +10,8 @@ Every backend is one callable ``backend(x [g, t, d], plan, experts) -> y [g, t, 
   (expert choice); cost O((t * k + e * c) * d). The default on CPU / GPU.
 * :class:`RaggedBackend` (``"ragged"``): no buffers; kept assignments are sorted by expert and run
   through a grouped matmul (``jax.lax.ragged_dot`` / Megablox), so no capacity padding is computed.
+* :class:`moejax.moe.bucket.BucketBackend` (``"bucket"``): the dropless default; ``gather``'s buffers
+  at a capacity picked at run time from a compiled ladder (its own module).
 
 Buffers are constrained to ``('batch', None, 'capacity', 'embed')`` before and
 ``('expert', 'expert_group', 'capacity', 'embed')`` after the swap of the group and expert axes,
@@ -20,13 +22,32 @@ which on an expert-parallel mesh compiles to an all-to-all over the ``expert`` a
 from __future__ import annotations
 
 import dataclasses
-from typing import Protocol
+from collections.abc import Callable
+from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
 
 from moejax.moe.plan import RoutingPlan
 from moejax.sharding import DEFAULT_RULES, Rules, constrain
+
+
+class ExpertStages(NamedTuple):
+    """The experts of one call as pure functions, for backends with their own VJP (``bucket``).
+
+    ``up(params, rest, buf [e, n, d]) -> pre`` (a pytree of ``[e, n, *]`` arrays) and
+    ``down(params, rest, pre, key) -> [e, n, d]`` (in ``out_dtype``) compose to the experts'
+    buffer form; ``params`` is the differentiable state, ``rest`` everything else (integer
+    weights, RNG counters); ``key`` (None when deterministic) seeds the stochastic parts, drawn
+    once per call so that a recomputation sees the same masks.
+    """
+
+    params: Any
+    rest: Any
+    up: Callable
+    down: Callable
+    key: jax.Array | None
+    out_dtype: Any
 
 
 class ExpertCall(Protocol):
@@ -39,19 +60,23 @@ class ExpertCall(Protocol):
     def sorted_rows(self, xs: jax.Array, group_sizes: jax.Array) -> jax.Array:
         """``xs [z, d]`` sorted by expert, ``group_sizes [e]`` -> ``[z, d]``."""
 
+    def stages(self) -> ExpertStages:
+        """The experts as pure up / down functions (see :class:`ExpertStages`)."""
 
-def to_experts(buf: jax.Array, rules: Rules) -> jax.Array:
-    """``[g, e, c, d]`` -> ``[e, g, c, d]`` with the all-to-all sharding constraints."""
-    buf = constrain(buf, ("batch", None, "capacity", "embed"), rules)
+
+def to_experts(buf: jax.Array, rules: Rules, last: str = "embed") -> jax.Array:
+    """``[g, e, c, w]`` -> ``[e, g, c, w]`` with the all-to-all sharding constraints (``last``: the
+    logical name of the row axis ``w``)."""
+    buf = constrain(buf, ("batch", None, "capacity", last), rules)
     buf = jnp.swapaxes(buf, 0, 1)
-    return constrain(buf, ("expert", "expert_group", "capacity", "embed"), rules)
+    return constrain(buf, ("expert", "expert_group", "capacity", last), rules)
 
 
-def from_experts(buf: jax.Array, rules: Rules) -> jax.Array:
-    """``[e, g, c, d]`` -> ``[g, e, c, d]`` (the return all-to-all)."""
-    buf = constrain(buf, ("expert", "expert_group", "capacity", "embed"), rules)
+def from_experts(buf: jax.Array, rules: Rules, last: str = "embed") -> jax.Array:
+    """``[e, g, c, w]`` -> ``[g, e, c, w]`` (the return all-to-all)."""
+    buf = constrain(buf, ("expert", "expert_group", "capacity", last), rules)
     buf = jnp.swapaxes(buf, 0, 1)
-    return constrain(buf, ("batch", None, "capacity", "embed"), rules)
+    return constrain(buf, ("batch", None, "capacity", last), rules)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +88,20 @@ class Backend:
     rules: Rules = DEFAULT_RULES
     supports_hierarchical = True
     expert_parallel = True
+
+    @classmethod
+    def from_config(cls, cfg) -> Backend:
+        """The backend of ``MoeConfig`` ``cfg`` (its activation axis rules)."""
+        return cls(cfg.axis_rules)
+
+    def buffer_capacity(self, capacity: int, tokens_per_group: int, choices: int, num_experts: int) -> int:
+        """Slots per expert and group of the largest buffers this backend allocates for a layer of
+        ``capacity`` (:func:`moejax.moe.capacity.layer_capacity`)."""
+        return capacity
+
+    def capacity_used(self, plan: RoutingPlan) -> jax.Array:
+        """int32 scalar: the slots per expert and group this call computes (``plan.capacity``)."""
+        return jnp.int32(plan.capacity)
 
     @classmethod
     def check_config(cls, cfg) -> None:

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moejax.moe.dispatch import ExpertStages
 from moejax.moe.grouped import grouped_matmul
 from moejax.moe.options import QUANT_BITS, Activation, check
 
@@ -174,26 +175,36 @@ class Experts(nnx.Module):
             h = self.dropout(h, deterministic=deterministic, rngs=rngs)
         return h
 
+    def up(self, x: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+        """Up projections of the buffer form: ``x [e, n, d]`` -> ``(up [e, n, f'], gate [e, n, f] or
+        None)`` (``x wi`` or ``x wi_0``, and ``x wi_1`` when gated; biases added)."""
+        x = x.astype(self.dtype)
+        if self.gated:
+            up = self._mm("end,edf->enf", x, "wi_0")
+            gate = self._mm("end,edf->enf", x, "wi_1")
+            if self.use_bias:
+                up = up + self._p("bi")[:, None]
+                gate = gate + self._p("bi_1")[:, None]
+            return up, gate
+        up = self._mm("end,edf->enf", x, "wi")
+        if self.use_bias:
+            up = up + self._p("bi")[:, None]
+        return up, None
+
+    def down(self, pre: tuple[jax.Array, jax.Array | None], *, deterministic: bool = True,
+             rngs: nnx.Rngs | None = None) -> jax.Array:
+        """Activation, hidden dropout and down projection: :meth:`up`'s ``pre`` -> ``[e, n, d]``."""
+        h = self._hidden(pre[0], pre[1], deterministic, rngs)
+        y = self._mm("enf,efd->end", h, "wo")
+        if self.use_bias:
+            y = y + self._p("bo")[:, None]
+        return y
+
     def __call__(self, x: jax.Array, *, deterministic: bool = True, rngs: nnx.Rngs | None = None) -> jax.Array:
         """Buffer form: ``x [e, ..., d]`` (expert ``i`` applied to ``x[i]``) -> ``[e, ..., d]``."""
         e = x.shape[0]
         lead = x.shape[1:-1]
-        x2 = x.reshape(e, -1, x.shape[-1]).astype(self.dtype)
-        if self.gated:
-            up = self._mm("end,edf->enf", x2, "wi_0")
-            gate = self._mm("end,edf->enf", x2, "wi_1")
-            if self.use_bias:
-                up = up + self._p("bi")[:, None]
-                gate = gate + self._p("bi_1")[:, None]
-        else:
-            up = self._mm("end,edf->enf", x2, "wi")
-            gate = None
-            if self.use_bias:
-                up = up + self._p("bi")[:, None]
-        h = self._hidden(up, gate, deterministic, rngs)
-        y = self._mm("enf,efd->end", h, "wo")
-        if self.use_bias:
-            y = y + self._p("bo")[:, None]
+        y = self.down(self.up(x.reshape(e, -1, x.shape[-1])), deterministic=deterministic, rngs=rngs)
         return y.reshape(e, *lead, y.shape[-1])
 
     def ragged(self, x: jax.Array, group_sizes: jax.Array, *, deterministic: bool = True,
@@ -308,3 +319,28 @@ class FFNCall:
     def sorted_rows(self, xs: jax.Array, group_sizes: jax.Array) -> jax.Array:
         out = self.experts.ragged(xs, group_sizes, deterministic=self.deterministic, rngs=self.rngs)
         return expert_output_mask(out, self.eom_rate, self.deterministic, self.rngs)
+
+    def stages(self) -> ExpertStages:
+        """The experts as pure functions of their float params (integer weights and RNG state in
+        ``rest``); a dropout / expert-output-masking key is drawn here once when training."""
+        graphdef, params, rest = nnx.split(self.experts, _float_param, ...)
+        stochastic = not self.deterministic and (self.experts.dropout is not None or self.eom_rate > 0)
+        key = self.rngs.dropout() if stochastic and self.rngs is not None else None
+        det, rate = self.deterministic or key is None, self.eom_rate
+
+        def up(p, r, buf):
+            return nnx.merge(graphdef, p, r).up(buf)
+
+        def down(p, r, pre, k):
+            m = nnx.merge(graphdef, p, r)
+            rngs = None if k is None else nnx.Rngs(dropout=jax.random.fold_in(k, 0))
+            out = m.down(pre, deterministic=det, rngs=rngs)
+            eom_rngs = None if k is None else nnx.Rngs(dropout=jax.random.fold_in(k, 1))
+            return expert_output_mask(out, rate, self.deterministic, eom_rngs)
+
+        return ExpertStages(params, rest, up, down, key, jnp.dtype(self.experts.dtype))
+
+
+def _float_param(path, value) -> bool:
+    """nnx filter: a floating-point Param (a differentiable expert weight)."""
+    return isinstance(value, nnx.Param) and jnp.issubdtype(jnp.asarray(value[...]).dtype, jnp.floating)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from flax import nnx
 
+from moejax.moe.bucket import BucketBackend
 from moejax.moe.dispatch import Backend as BackendBase
 from moejax.moe.dispatch import EinsumBackend, GatherBackend, RaggedBackend
 from moejax.moe.options import Backend, Router, check
@@ -23,6 +24,7 @@ ROUTERS: dict[Router, type[RouterBase]] = {
 }
 
 BACKENDS: dict[Backend, type[BackendBase]] = {
+    Backend.BUCKET: BucketBackend,
     Backend.GATHER: GatherBackend,
     Backend.EINSUM: EinsumBackend,
     Backend.RAGGED: RaggedBackend,
@@ -35,16 +37,24 @@ def router_class(name: str) -> type[RouterBase]:
     return ROUTERS[Router(name)]
 
 
-def backend_class(name: str) -> type[BackendBase]:
-    """The backend class of ``MoeConfig.backend`` ``name`` (ValueError listing the valid names)."""
-    check("backend", name, Backend)
-    return BACKENDS[Backend(name)]
+def resolve_backend(cfg) -> Backend:
+    """``cfg.backend`` with ``"auto"`` resolved: ``"bucket"`` for a dropless layer of plain experts,
+    else ``"gather"`` (ValueError listing the valid names)."""
+    check("backend", cfg.backend, Backend)
+    if cfg.backend == Backend.AUTO:
+        return Backend.BUCKET if cfg.dropless and cfg.inner is None else Backend.GATHER
+    return Backend(cfg.backend)
+
+
+def backend_class(cfg) -> type[BackendBase]:
+    """The backend class of ``cfg.backend`` (``"auto"`` resolved, see :func:`resolve_backend`)."""
+    return BACKENDS[resolve_backend(cfg)]
 
 
 def check_config(cfg) -> None:
     """Router- and backend-specific validation (each class states what it supports)."""
     router_class(cfg.router).check_config(cfg)
-    backend_class(cfg.backend).check_config(cfg)
+    backend_class(cfg).check_config(cfg)
 
 
 def make_router(cfg, rngs: nnx.Rngs) -> RouterBase:
@@ -53,5 +63,6 @@ def make_router(cfg, rngs: nnx.Rngs) -> RouterBase:
 
 
 def make_backend(cfg) -> BackendBase:
-    """The dispatch backend of ``cfg`` with its activation axis rules."""
-    return backend_class(cfg.backend)(cfg.axis_rules)
+    """The dispatch backend of ``cfg`` with its activation axis rules (and, for ``bucket``, the
+    capacity ladder of ``cfg``)."""
+    return backend_class(cfg).from_config(cfg)

@@ -37,7 +37,10 @@ class MoeStats:
     ``selection_fraction [e]`` (f_e: top-k selections per non-padding token, before capacity; sums
     to k) and ``router_prob_mean [e]`` (P_e: mean router probability) — the two factors of the
     load-balancing loss, so other conventions (e.g. HF's pooled over layers) can be rebuilt — and
-    ``capacity`` (slots per expert and group, static).
+    ``max_expert_load`` (int32: the most routed assignments one expert holds in one group),
+    ``capacity_used`` (int32: slots per expert and group the backend computed — the bucket, times
+    the rounds, for ``bucket``; ``capacity`` for the others) and ``capacity`` (the plan's slots per
+    expert and group, static; ``t`` when dropless).
     """
 
     load_balancing_loss: jax.Array
@@ -55,6 +58,8 @@ class MoeStats:
     router_entropy: jax.Array
     selection_fraction: jax.Array
     router_prob_mean: jax.Array
+    max_expert_load: jax.Array
+    capacity_used: jax.Array
     capacity: int = struct.field(pytree_node=False, default=0)
 
     def losses(self) -> RouterLosses:
@@ -92,6 +97,9 @@ class HierarchicalCall:
         raise ValueError("hierarchical experts (inner MoE) have no grouped-matmul form; use backend 'gather' "
                          "or 'einsum'")
 
+    def stages(self):
+        raise ValueError("hierarchical experts (inner MoE) have no up / down form; use backend 'gather' or 'einsum'")
+
 
 class MoeLayer(nnx.Module):
     """A Mixture-of-Experts FFN layer with static-shape capacity buckets.
@@ -106,9 +114,10 @@ class MoeLayer(nnx.Module):
 
     Capacity per group: ``C = max(ceil(cf * k * t / E), min_capacity)`` with ``t`` the tokens
     per group (``max_group_size`` at most, or one sequence with ``sequence_groups``) and ``cf`` the
-    train or eval capacity factor; a fixed ``expert_capacity`` overrides it; in dropless mode
-    ``C = t``. Tokens beyond capacity get an MoE output of 0 (the caller's residual
-    carries them) and are counted in ``stats``.
+    train or eval capacity factor; a fixed ``expert_capacity`` overrides it. Tokens beyond capacity
+    get an MoE output of 0 (the caller's residual carries them) and are counted in ``stats``. In
+    dropless mode nothing is dropped: the default backend ``bucket`` computes with the smallest of a
+    few compiled capacities that holds the largest expert load (:mod:`moejax.moe.bucket`).
 
     Parts: ``router`` (a :class:`moejax.moe.routing.Router` chosen by ``cfg.router``), ``experts``
     (:class:`moejax.moe.experts.Experts`, or a stack of inner MoE layers when ``cfg.inner`` is set),
@@ -146,6 +155,12 @@ class MoeLayer(nnx.Module):
     def capacity(self, tokens_per_group: int, deterministic: bool) -> int:
         """Slots per expert and group for this call (:func:`moejax.moe.capacity.layer_capacity`)."""
         return layer_capacity(self.cfg, tokens_per_group, deterministic)
+
+    def buffer_capacity(self, tokens_per_group: int, deterministic: bool) -> int:
+        """Slots per expert and group of the largest dispatch buffers the backend allocates."""
+        choices = 1 if self.router.fixed_capacity else min(self.cfg.top_k, self.cfg.router_width)
+        return self.backend.buffer_capacity(self.capacity(tokens_per_group, deterministic), tokens_per_group,
+                                            choices, self.cfg.num_experts)
 
     def _expert_call(self, deterministic: bool, rngs: nnx.Rngs):
         if self.cfg.inner is not None:
@@ -201,11 +216,12 @@ class MoeLayer(nnx.Module):
             y = y + self.shared(x.astype(cfg.dtype)).astype(y.dtype)
         if isinstance(call, HierarchicalCall):          # the inner layers' losses, averaged over the experts
             losses = losses + call.losses
-        stats = _stats(plan, losses, mask, s)
+        stats = _stats(plan, losses, mask, s, self.backend.capacity_used(plan))
         return y.astype(x.dtype), stats
 
 
-def _stats(plan: RoutingPlan, losses: RouterLosses, mask: jax.Array, seq_len: int) -> MoeStats:
+def _stats(plan: RoutingPlan, losses: RouterLosses, mask: jax.Array, seq_len: int,
+           capacity_used: jax.Array) -> MoeStats:
     """The :class:`MoeStats` of a plan (``mask [g, t]``: real tokens)."""
     g, t = mask.shape
     e = plan.num_experts
@@ -240,5 +256,7 @@ def _stats(plan: RoutingPlan, losses: RouterLosses, mask: jax.Array, seq_len: in
         router_entropy=jnp.sum(ent * m) / num_real,
         selection_fraction=sel_count / num_real,
         router_prob_mean=jnp.einsum("gte,gt->e", probs, m) / num_real,
+        max_expert_load=jnp.max(jnp.where(plan.kept, plan.slot + 1, 0)).astype(jnp.int32),
+        capacity_used=capacity_used,
         capacity=plan.capacity,
     )

@@ -37,8 +37,11 @@ class WeightNorm(enum.StrEnum):
 
 
 class Backend(enum.StrEnum):
-    """``MoeConfig.backend``: the dispatch backend (see :mod:`moejax.moe.dispatch`)."""
+    """``MoeConfig.backend``: the dispatch backend (see :mod:`moejax.moe.dispatch`); ``auto`` is
+    ``bucket`` for dropless layers and ``gather`` otherwise."""
 
+    AUTO = "auto"
+    BUCKET = "bucket"
     GATHER = "gather"
     EINSUM = "einsum"
     RAGGED = "ragged"
