@@ -111,22 +111,16 @@ def hf_block(layer, e, k, d, f):
     return block
 
 
-def time_torch(block, x, reps: int) -> tuple[float, object]:
-    import statistics
-    import time
-
+def torch_forward(block):
+    """``x -> numpy`` forward of a torch block under ``no_grad`` (synchronous on CPU)."""
     import numpy as np
     import torch
 
-    xt = torch.from_numpy(np.array(x, np.float32))
-    with torch.no_grad():
-        out = block(xt)[0]
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            block(xt)
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times), out.numpy()
+    def fn(x):
+        with torch.no_grad():
+            return block(torch.from_numpy(np.array(x, np.float32)))[0].numpy()
+
+    return fn
 
 
 def run_dropless(args):
@@ -165,6 +159,10 @@ def run_dropless(args):
             _, stats[backend] = layer(x, deterministic=True)
             grads[backend] = (fwd_bwd(layer, lambda m, x: m(x, deterministic=True)[0]), (x, cot))
             fwds[backend] = (jax.jit(lambda x, m=layer: m(x, deterministic=True)[0]), (x,))
+        layer = layers.get("bucket") or next(iter(layers.values()))
+        block = hf_block(layer, e, k, d, f)
+        if block is not None:                     # timed in the same rounds as moejax's forwards
+            fwds["hf"] = (torch_forward(block), (x,))
         tg = interleaved(grads, rounds=args.rounds, reps=args.reps)
         tf = interleaved(fwds, rounds=args.rounds, reps=args.reps)
         def row(key, name, load, cap, e=e, k=k, f=f, tg=tg, tf=tf):
@@ -176,13 +174,11 @@ def run_dropless(args):
         for key, st in stats.items():
             name = {"gather": "gather (C = t)"}.get(key, key)
             row(key, name, f"{int(st.max_expert_load) / mean:.2f}", f"{int(st.capacity_used)}")
-        layer = layers.get("bucket") or next(iter(layers.values()))
-        block = hf_block(layer, e, k, d, f)
         if block is not None:
-            t_hf, y_hf = time_torch(block, x, args.reps)
-            y = fwds["bucket" if "bucket" in fwds else next(k for k in fwds if k not in ("dense", "floor"))][0](x)
+            y_hf = fwds["hf"][0](x)
+            y = fwds["bucket" if "bucket" in fwds else next(iter(layers))][0](x)
             err = float(jnp.max(jnp.abs(jnp.asarray(y_hf) - y)))
-            hf_rows.append((e, k, f, t_hf, tf.get("bucket", float("nan")), tf["dense"], err))
+            hf_rows.append((e, k, f, tf["hf"], tf.get("bucket", float("nan")), tf["dense"], err))
     if hf_rows:
         print("\n| E | k | f | HF MixtralSparseMoeBlock forward ms (2 torch threads) | moejax bucket forward ms | "
               "moejax / HF | dense FFN forward ms | max abs diff |")

@@ -8,7 +8,7 @@ A dropless layer must process every routed assignment, and with static shapes th
 buffers must hold the largest expert load ``L`` (the most assignments any expert receives in any
 group). ``gather`` sizes them for the worst case, ``C = t``: ``e / k`` times the useful work.
 This backend compiles a short ladder of capacities instead — ``ceil(f * k * t / e)`` for the factors
-``f`` of ``MoeConfig.capacity_buckets`` (default 1, 1.125, 1.25, 1.5, 2, 3), rounded up to a multiple
+``f`` of ``MoeConfig.capacity_buckets`` (default 1, 1.0625, 1.125, 1.1875, 1.25, 1.375, 1.5, 1.75, 2, 3), rounded up to a multiple
 of 8 and capped at ``t`` — and picks at run time, with ``jax.lax.switch`` on ``L``, the smallest one
 that holds every assignment. Loads above the largest bucket ``C_top`` run ``ceil(L / C_top)``
 rounds of it (round ``r`` takes slots ``[r C_top, (r+1) C_top)`` of every expert), so nothing is
@@ -21,6 +21,10 @@ backward switches on the same bucket, rebuilds the buffers from them and runs th
 own VJPs (their forward matmuls are dead code there and are not recomputed). Buffers cross the
 same sharding constraints as ``gather``'s (``to_experts`` / ``from_experts``), so on an
 expert-parallel mesh each bucket compiles to all-to-alls over the ``expert`` axis.
+
+With a capacity limit ``C`` (not dropless) the ladder is capped at ``C`` and the load is that of the
+kept assignments: the layer drops exactly what ``gather`` drops and computes with a smaller bucket
+when no expert fills ``C`` (e.g. in eval at capacity factor 2).
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from moejax.moe.dispatch import Backend, ExpertStages, from_experts, to_experts
 from moejax.moe.plan import RoutingPlan, TokenChoicePlan
 from moejax.moe.rows import pad_row, sum_choices, take_rows
 
-DEFAULT_BUCKETS = (1.0, 1.125, 1.25, 1.5, 2.0, 3.0)
+DEFAULT_BUCKETS = (1.0, 1.0625, 1.125, 1.1875, 1.25, 1.375, 1.5, 1.75, 2.0, 3.0)
 MULTIPLE = 8
 
 
@@ -201,13 +205,14 @@ def _bucketed(stages: ExpertStages, caps: tuple[int, ...], exact: int, num_exper
 
 
 def max_load(plan: RoutingPlan) -> jax.Array:
-    """int32 scalar: the most routed assignments any expert holds in any group."""
-    return jnp.max(jnp.where(plan.routed, plan.slot + 1, 0)).astype(jnp.int32)
+    """int32 scalar: the most kept assignments any expert holds in any group (dropless: routed)."""
+    return jnp.max(jnp.where(plan.kept, plan.slot + 1, 0)).astype(jnp.int32)
 
 
 @dataclasses.dataclass(frozen=True)
 class BucketBackend(Backend):
-    """Dropless dispatch with run-time capacity buckets (see the module docstring). ``factors``:
+    """Dispatch with run-time capacity buckets, the default for dropless layers (see the module
+    docstring); token-choice routers only, plain experts only. ``factors``:
     the ladder of capacity factors (``MoeConfig.capacity_buckets``). ``autodiff``: differentiate
     with JAX's own rules through the switch instead of the bucket VJP (every branch's residuals are
     kept; for checking the VJP)."""
@@ -215,6 +220,7 @@ class BucketBackend(Backend):
     factors: tuple[float, ...] = DEFAULT_BUCKETS
     autodiff: bool = False
     supports_hierarchical = False
+    token_choice_only = True
 
     @classmethod
     def from_config(cls, cfg) -> BucketBackend:
@@ -223,9 +229,6 @@ class BucketBackend(Backend):
     @classmethod
     def check_config(cls, cfg) -> None:
         super().check_config(cfg)
-        if not cfg.dropless:
-            raise ValueError("backend='bucket' is the dropless path; set dropless=True, or use backend 'gather' "
-                             "for a capacity-limited layer")
         if not cfg.capacity_buckets or not all(f > 0 for f in cfg.capacity_buckets):
             raise ValueError(f"capacity_buckets must be a non-empty tuple of factors > 0, got "
                              f"{cfg.capacity_buckets!r}")
@@ -250,6 +253,6 @@ class BucketBackend(Backend):
         if not isinstance(plan, TokenChoicePlan):
             raise ValueError(f"backend='bucket' needs a token-choice routing plan, got {type(plan).__name__}")
         stages = experts.stages()
-        nd = (stages.rest, stages.key, plan.token, plan.expert, plan.slot, plan.routed, max_load(plan))
+        nd = (stages.rest, stages.key, plan.token, plan.expert, plan.slot, plan.kept, max_load(plan))
         f = _bucketed(stages, self.capacities(plan), plan.capacity, plan.num_experts, self.rules, self.autodiff)
         return f(stages.params, x, plan.kept_weight(), nd)

@@ -83,11 +83,13 @@ def from_experts(buf: jax.Array, rules: Rules, last: str = "embed") -> jax.Array
 class Backend:
     """Base of the dispatch backends (``rules``: the logical -> mesh axis table of the
     activation constraints). ``supports_hierarchical``: experts may themselves be MoE layers;
-    ``expert_parallel``: the experts' buffers are split over the ``expert`` mesh axis."""
+    ``expert_parallel``: the experts' buffers are split over the ``expert`` mesh axis;
+    ``token_choice_only``: routers with a fixed capacity (expert choice) are refused."""
 
     rules: Rules = DEFAULT_RULES
     supports_hierarchical = True
     expert_parallel = True
+    token_choice_only = False
 
     @classmethod
     def from_config(cls, cfg) -> Backend:

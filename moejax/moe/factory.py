@@ -53,8 +53,13 @@ def backend_class(cfg) -> type[BackendBase]:
 
 def check_config(cfg) -> None:
     """Router- and backend-specific validation (each class states what it supports)."""
-    router_class(cfg.router).check_config(cfg)
-    backend_class(cfg).check_config(cfg)
+    router = router_class(cfg.router)
+    router.check_config(cfg)
+    backend = backend_class(cfg)
+    backend.check_config(cfg)
+    if backend.token_choice_only and router.fixed_capacity:
+        raise ValueError(f"backend={cfg.backend!r} needs a token-choice router, not router={cfg.router!r}; "
+                         f"use backend 'gather'")
 
 
 def make_router(cfg, rngs: nnx.Rngs) -> RouterBase:

@@ -35,13 +35,29 @@ def skew(layer, expert=0, scale=10.0):
     layer.router.kernel[...] = layer.router.kernel[...].at[0, expert].add(scale)
 
 
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_capacity_limited_same_drops_as_reference(top_k):
+    """With a capacity limit the bucket backend drops exactly what the limit drops (ladder capped at C)."""
+    layer = build(top_k=top_k, dropless=False, backend="bucket", capacity_factor_eval=1.0, min_capacity=1)
+    x = inputs()
+    dec = assert_match(layer, x)
+    n_dropped = sum(1 for gdec in dec for (_, _, _, r, k) in gdec if r and not k)
+    _, st = layer(x, deterministic=True)
+    assert int(st.num_dropped) == n_dropped > 0
+    assert int(st.capacity_used) == st.capacity            # the loads reach C: the top bucket is C
+    roomy = build(top_k=top_k, dropless=False, backend="bucket", capacity_factor_eval=4.0)
+    _, st = roomy(x, deterministic=True)
+    assert int(st.num_dropped) == 0 and int(st.capacity_used) < st.capacity   # a smaller bucket suffices
+    assert_match(roomy, x)
+
+
 def test_default_backend_of_dropless_is_bucket():
     assert isinstance(build().backend, BucketBackend)
     assert not isinstance(build(dropless=False).backend, BucketBackend)
 
 
 def test_ladder_rounding_and_cap():
-    # t=64, e=8, k=2: mean load 16 -> factors 1, 1.125, 1.25, 1.5, 2, 3 -> 16, 18, 20, 24, 32, 48 -> x8
+    # t=64, e=8, k=2: mean load 16 -> factors 1 .. 3 -> 16, 18, 20, 22, 24, 28, 32, 48 -> multiples of 8
     assert bucket_capacities(64, 8, 2, 64) == (16, 24, 32, 48)
     assert bucket_capacities(64, 8, 2, 40) == (16, 24, 32, 40)       # capped at the exact bound
     assert bucket_capacities(4096, 8, 2, 4096, (1.0, 1.125, 1.25)) == (1024, 1152, 1280)

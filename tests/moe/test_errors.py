@@ -23,7 +23,7 @@ def build(**kw):
         (dict(capacity_factor_train=0.0), r"capacity_factor_train must be > 0, got 0.0"),
         (dict(capacity_factor_eval=-1.0), r"capacity_factor_eval must be > 0, got -1.0"),
         (dict(backend="scatter"), r"unknown backend 'scatter'; valid: auto, bucket, gather, einsum, ragged"),
-        (dict(backend="bucket"), r"backend='bucket' is the dropless path; set dropless=True"),
+        (dict(backend="bucket", router="expert_choice"), r"backend='bucket' needs a token-choice router"),
         (dict(dropless=True, capacity_buckets=()), r"capacity_buckets must be a non-empty tuple"),
         (dict(dropless=True, capacity_buckets=(1.0, 0.0)), r"capacity_buckets must be .* > 0, got \(1.0, 0.0\)"),
         (dict(second_expert_policy="best", top_k=2), r"unknown second_expert_policy 'best'; valid: all"),
