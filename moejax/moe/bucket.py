@@ -8,8 +8,8 @@ A dropless layer must process every routed assignment, and with static shapes th
 buffers must hold the largest expert load ``L`` (the most assignments any expert receives in any
 group). ``gather`` sizes them for the worst case, ``C = t``: ``e / k`` times the useful work.
 This backend compiles a short ladder of capacities instead — ``ceil(f * k * t / e)`` for the factors
-``f`` of ``MoeConfig.capacity_buckets`` (default 1, 1.0625, 1.125, 1.1875, 1.25, 1.375, 1.5, 1.75, 2, 3), rounded up to a multiple
-of 8 and capped at ``t`` — and picks at run time, with ``jax.lax.switch`` on ``L``, the smallest one
+``f`` of ``MoeConfig.capacity_buckets`` (default 1, 1.0625, 1.125, 1.1875, 1.25, 1.375, 1.5, 1.75,
+2, 3), rounded up to a multiple of 8 and capped at ``t`` — and picks at run time, with ``jax.lax.switch`` on ``L``, the smallest one
 that holds every assignment. Loads above the largest bucket ``C_top`` run ``ceil(L / C_top)``
 rounds of it (round ``r`` takes slots ``[r C_top, (r+1) C_top)`` of every expert), so nothing is
 ever dropped whatever the router does, and the buffers never exceed ``[e, g, C_top, d]``.

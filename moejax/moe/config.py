@@ -84,7 +84,8 @@ class MoeConfig:
       ``router_dtype`` — float32 by default ("selective precision"); bfloat16 exists for the
       ablation in ``experiments/router_precision.py``; its logits are cast to float32 either way.
       backend: ``"auto"`` (default: ``"bucket"`` when dropless, else ``"gather"``), ``"bucket"``
-        (token choice; with a capacity limit it drops what ``gather`` drops), ``"gather"``, ``"einsum"`` or ``"ragged"``; see :mod:`moejax.moe.dispatch`.
+        (token choice; with a capacity limit it drops what ``gather`` drops), ``"gather"``,
+        ``"einsum"`` or ``"ragged"``; see :mod:`moejax.moe.dispatch`.
       grouped_matmul: the ragged backend's kernel, ``"auto"`` (Megablox on TPU, else
       ``jax.lax.ragged_dot``), ``"ragged_dot"`` or ``"megablox"`` (:mod:`moejax.moe.grouped`).
       axis_rules: the logical -> mesh axis table for activation constraints.
