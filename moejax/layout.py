@@ -233,7 +233,8 @@ def layout(cfg, mesh_shape: dict, batch: int, lengths: dict, *, name: str = "", 
         kept = None
         if out.backend == "bucket":       # residuals: each assignment's output and up-projection rows
             a = t * min(mcfg.top_k, mcfg.router_width)
-            kept = _buffer_bytes((g, a, d + f), ("batch", None, "embed"), mesh, rules, act_bytes)
+            kept = (_buffer_bytes((g, a, d), ("batch", None, "embed"), mesh, rules, act_bytes)
+                    + _buffer_bytes((g, a, f), ("batch", None, "mlp"), mesh, rules, act_bytes))
         if side > worst[0]:
             worst = (side, hidden, g, c, kept)
     out.dispatch, out.hidden, out.groups, out.capacity, out.kept = worst

@@ -7,12 +7,13 @@ choices per token, ``a`` assignments per group (``k * t``, choice-major), ``c`` 
 A dropless layer must process every routed assignment, and with static shapes the capacity
 buffers must hold the largest expert load ``L`` (the most assignments any expert receives in any
 group). ``gather`` sizes them for the worst case, ``C = t``: ``e / k`` times the useful work.
-This backend compiles a short ladder of capacities instead — ``ceil(f * k * t / e)`` for the factors
-``f`` of ``MoeConfig.capacity_buckets`` (default 1, 1.0625, 1.125, 1.1875, 1.25, 1.375, 1.5, 1.75,
-2, 3), rounded up to a multiple of 8 and capped at ``t`` — and picks at run time, with ``jax.lax.switch`` on ``L``, the smallest one
-that holds every assignment. Loads above the largest bucket ``C_top`` run ``ceil(L / C_top)``
-rounds of it (round ``r`` takes slots ``[r C_top, (r+1) C_top)`` of every expert), so nothing is
-ever dropped whatever the router does, and the buffers never exceed ``[e, g, C_top, d]``.
+This backend compiles a short ladder of capacities instead — ``ceil(f * k * t / e)`` for the
+factors ``f`` of ``MoeConfig.capacity_buckets`` (default 1, 1.0625, 1.125, 1.1875, 1.25, 1.375,
+1.5, 1.75, 2, 3), rounded up to a multiple of 8 and capped at ``t`` — and picks at run time, with
+``jax.lax.switch`` on ``L``, the smallest one that holds every assignment. Loads above the largest
+bucket ``C_top`` run ``ceil(L / C_top)`` rounds of it (round ``r`` takes slots
+``[r C_top, (r+1) C_top)`` of every expert), so nothing is ever dropped whatever the router does,
+and the buffers never exceed ``[e, g, C_top, d]``.
 
 Under ``jax.lax.switch`` autodiff would keep every branch's residuals (zero-filled when not
 taken), so the layer has its own VJP: the forward saves capacity-independent residuals — each
@@ -39,6 +40,7 @@ import numpy as np
 from moejax.moe.dispatch import Backend, ExpertStages, from_experts, to_experts
 from moejax.moe.plan import RoutingPlan, TokenChoicePlan
 from moejax.moe.rows import pad_row, sum_choices, take_rows
+from moejax.sharding import constrain
 
 DEFAULT_BUCKETS = (1.0, 1.0625, 1.125, 1.1875, 1.25, 1.375, 1.5, 1.75, 2.0, 3.0)
 MULTIPLE = 8
@@ -90,7 +92,8 @@ class _Round:
         g, e, c = self.shape
         out = from_experts(buf.reshape(e, g, c, buf.shape[-1]), rules, last).reshape(g, e * c, buf.shape[-1])
         rows = take_rows(out, self.dest)
-        return jnp.where(self.inside[..., None], rows, jnp.zeros((), rows.dtype))
+        rows = jnp.where(self.inside[..., None], rows, jnp.zeros((), rows.dtype))
+        return constrain(rows, ("batch", None, last), rules)
 
 
 def _bucketed(stages: ExpertStages, caps: tuple[int, ...], exact: int, num_experts: int, rules, autodiff=False):
