@@ -55,6 +55,11 @@ def bucket_capacities(tokens_per_group: int, num_experts: int, choices: int, exa
     return tuple(sorted(caps))
 
 
+def pick_bucket(caps: tuple[int, ...], need: jax.Array) -> jax.Array:
+    """int32 index of the smallest capacity in ``caps`` holding ``need`` slots (the last if none)."""
+    return jnp.minimum(jnp.sum(jnp.asarray(caps) < need), len(caps) - 1)
+
+
 def _zeros_cotangent(tree):
     """Zero cotangents of the non-differentiable inputs (float0 for ints, bools and keys)."""
     def z(a):
@@ -68,11 +73,11 @@ class _Round:
     """Index maps of one round of capacity ``c``: the assignments with slot in ``[r c, (r+1) c)``."""
 
     def __init__(self, plan_arrays, c: int, r, num_experts: int, t: int):
-        token, expert, slot, routed = plan_arrays
+        token, expert, slot, kept = plan_arrays
         g, a = token.shape
         n = num_experts * c
         lslot = slot - r * c
-        self.inside = routed & (lslot >= 0) & (lslot < c)                     # [g, a]
+        self.inside = kept & (lslot >= 0) & (lslot < c)                       # [g, a]
         self.dest = jnp.where(self.inside, expert * c + lslot, n)             # [g, a], n = out of bounds
         self.slot_tokens = jax.vmap(lambda dd, tok: jnp.full((n,), t, jnp.int32).at[dd].set(tok, mode="drop"))(
             self.dest, token)                                                 # [g, e*c], t = empty
@@ -98,7 +103,7 @@ class _Round:
 
 def _bucketed(stages: ExpertStages, caps: tuple[int, ...], exact: int, num_experts: int, rules, autodiff=False):
     """``f(params, x [g,t,d], w [g,a], nd) -> y [g,t,d]`` with the bucket VJP; ``nd`` = (rest state,
-    key, token, expert, slot, routed, need): the non-differentiable inputs."""
+    key, token, expert, slot, kept, need): the non-differentiable inputs."""
     top = caps[-1]
     loops = top < exact          # only the top bucket may need more than one round
 
@@ -139,13 +144,10 @@ def _bucketed(stages: ExpertStages, caps: tuple[int, ...], exact: int, num_exper
         y = sum_choices(y_rows * w[..., None].astype(y_rows.dtype), a // t)
         return y.astype(stages.out_dtype), y_rows, pre_rows
 
-    def select(need):
-        return jnp.minimum(jnp.sum(jnp.asarray(caps) < need), len(caps) - 1)
-
     def switch(need, fns, *operands):
         if len(fns) == 1:
             return fns[0](*operands)
-        return jax.lax.switch(select(need), fns, *operands)
+        return jax.lax.switch(pick_bucket(caps, need), fns, *operands)
 
     def primal(params, x, w, nd):
         fns = [lambda p, x, w, nd, c=c: run_forward(c, p, x, w, nd)[0] for c in caps]
@@ -197,7 +199,7 @@ def _bucketed(stages: ExpertStages, caps: tuple[int, ...], exact: int, num_exper
         g, t, d = x.shape
         a = w.shape[1]
         k = a // t
-        # dw[g, j*t+i] = <y_rows[g, j*t+i], dy[g, i]> (a batched dot; zero where not routed)
+        # dw[g, j*t+i] = <y_rows[g, j*t+i], dy[g, i]> (a batched dot; zero where not kept)
         dw = jnp.einsum("gktd,gtd->gkt", y_rows.reshape(g, k, t, d), dy.astype(y_rows.dtype)).reshape(g, a)
         fns = [lambda p, x, w, nd, pr, dy, c=c: run_backward(c, p, x, w, nd, pr, dy) for c in caps]
         dparams, dx = switch(nd[-1], fns, params, x, w, nd, pre_rows, dy)
@@ -249,7 +251,7 @@ class BucketBackend(Backend):
     def capacity_used(self, plan: RoutingPlan) -> jax.Array:
         caps = self.capacities(plan)
         need = max_load(plan)
-        c = jnp.asarray(caps)[jnp.minimum(jnp.sum(jnp.asarray(caps) < need), len(caps) - 1)]
+        c = jnp.asarray(caps)[pick_bucket(caps, need)]
         return (jnp.maximum((need + c - 1) // c, 1) * c).astype(jnp.int32)
 
     def __call__(self, x, plan, experts):

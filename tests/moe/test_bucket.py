@@ -17,14 +17,14 @@ from tests.moe.test_layer import assert_match, layer_grads
 D, F = 8, 16
 
 
-def build(seed=0, t=64, **kw):
+def build(seed=0, t=32, **kw):
     base = dict(num_experts=8, d_model=D, d_ff=F, max_group_size=t, dropless=True, weight_norm="topk",
                 activation="swiglu")
     base.update(kw)
     return MoeLayer(MoeConfig(**base), rngs=nnx.Rngs(seed, dropout=3))
 
 
-def inputs(seed=1, b=2, s=64):
+def inputs(seed=1, b=2, s=32):
     """Random tokens whose feature 0 is >= 1 (so that a router can be skewed, see :func:`skew`)."""
     x = jax.random.normal(jax.random.key(seed), (b, s, D))
     return x.at[..., 0].set(jnp.abs(x[..., 0]) + 1.0)
@@ -45,7 +45,7 @@ def test_capacity_limited_same_drops_as_reference(top_k):
     _, st = layer(x, deterministic=True)
     assert int(st.num_dropped) == n_dropped > 0
     assert int(st.capacity_used) == st.capacity            # the loads reach C: the top bucket is C
-    roomy = build(top_k=top_k, dropless=False, backend="bucket", capacity_factor_eval=4.0)
+    roomy = build(top_k=top_k, dropless=False, backend="bucket", capacity_factor_eval=8.0)
     _, st = roomy(x, deterministic=True)
     assert int(st.num_dropped) == 0 and int(st.capacity_used) < st.capacity   # a smaller bucket suffices
     assert_match(roomy, x)
@@ -63,19 +63,18 @@ def test_ladder_rounding_and_cap():
     assert bucket_capacities(4096, 8, 2, 4096, (1.0, 1.125, 1.25)) == (1024, 1152, 1280)
 
 
-@pytest.mark.parametrize("top_k", [1, 2, 3, 8])
-@pytest.mark.parametrize("padded", [False, True], ids=["full", "padded"])
+@pytest.mark.parametrize("top_k,padded", [(1, False), (2, False), (2, True), (3, True), (8, False)])
 def test_matches_reference(top_k, padded):
     layer = build(top_k=top_k)
     x = inputs()
     mask = None
     if padded:
-        mask = jnp.arange(64)[None, :] < jnp.array([[64], [23]])
+        mask = jnp.arange(32)[None, :] < jnp.array([[32], [13]])
     dec = assert_match(layer, x, mask=mask)
     assert all(k for gdec in dec for (_, _, _, r, k) in gdec if r)            # nothing dropped
     _, st = layer(x, padding_mask=mask, deterministic=True)
     assert int(st.num_dropped) == 0 and int(st.tokens_dropped) == 0
-    caps = layer.backend.capacities(layer.router(x.reshape(2, 64, D), jnp.ones((2, 64), bool), deterministic=True,
+    caps = layer.backend.capacities(layer.router(x.reshape(2, 32, D), jnp.ones((2, 32), bool), deterministic=True,
                                                  rngs=layer.rngs)[0])
     # the chosen capacity is the smallest bucket that holds the largest load
     load = int(st.max_expert_load)
@@ -83,16 +82,16 @@ def test_matches_reference(top_k, padded):
 
 
 def test_one_expert_gets_every_token_still_exact():
-    """All 64 tokens' first choice is expert 0: load 64 > the top bucket (48), so two rounds run."""
+    """All 32 tokens' first choice is expert 0: load 32 > the top bucket (24), so two rounds run."""
     layer = build(top_k=2)
     x = inputs()
     skew(layer)
     dec = assert_match(layer, x)
     assert all(k for gdec in dec for (_, _, _, r, k) in gdec if r)
-    assert sum(1 for (_, ex, j, _, _) in dec[0] if ex == 0 and j == 0) == 64
+    assert sum(1 for (_, ex, j, _, _) in dec[0] if ex == 0 and j == 0) == 32
     _, st = layer(x, deterministic=True)
-    assert int(st.max_expert_load) == 64 and int(st.num_dropped) == 0
-    assert int(st.capacity_used) == 96                       # 2 rounds of the 48-slot bucket
+    assert int(st.max_expert_load) == 32 and int(st.num_dropped) == 0
+    assert int(st.capacity_used) == 48                       # 2 rounds of the 24-slot bucket
 
 
 def test_rounds_of_a_small_bucket_are_exact():
@@ -105,7 +104,7 @@ def test_rounds_of_a_small_bucket_are_exact():
 
 
 def test_bias_and_activations_match_gather():
-    for act in ("relu", "gelu", "split-swiglu"):
+    for act in ("relu", "split-swiglu"):
         x = inputs()
         a = build(top_k=2, activation=act, use_bias=True)
         b = build(top_k=2, activation=act, use_bias=True, backend="gather")
@@ -163,7 +162,7 @@ STOCHASTIC = {"dropout+eom": dict(expert_dropout=0.3, eom_rate=0.2),
 def test_training_vjp_matches_autodiff(kw):
     """Stochastic experts in training: the bucket VJP == JAX's autodiff of the same switch (same masks)."""
     layer = build(top_k=2, **kw)
-    x, cot = inputs(), jax.random.normal(jax.random.key(7), (2, 64, D))
+    x, cot = inputs(), jax.random.normal(jax.random.key(7), (2, 32, D))
     (l1, y1), (gp1, gx1) = _loss_and_grads(layer, x, cot, False)
     layer.backend = dataclasses.replace(layer.backend, autodiff=True)
     (l2, y2), (gp2, gx2) = _loss_and_grads(layer, x, cot, False)
@@ -185,7 +184,7 @@ def test_merged_experts_exact():
         skew(layer, 0, 10.0), skew(layer, 1, 5.0)
     ya, sa = a(x, deterministic=True)
     yb, _ = b(x, deterministic=True)
-    assert int(sa.max_expert_load) == 128 and int(sa.num_dropped) == 0
+    assert int(sa.max_expert_load) == 64 and int(sa.num_dropped) == 0
     np.testing.assert_allclose(ya, yb, atol=1e-5)
 
 
