@@ -36,6 +36,19 @@ def fwd_and_grads(layer, x, cot):
     return f(params, rest, x)
 
 
+def _sharded_matches(layer, mesh, x, cot, y0, gx0, gp0):
+    """Run the sharded ``layer`` on ``mesh``; assert output and gradients equal the single-device
+    ones; return its stats."""
+    with jax.set_mesh(mesh):
+        xs = jax.device_put(x, NamedSharding(mesh, P(("data", "expert") if "expert" in mesh.shape else "data")))
+        y1, st1, (gp1, gx1) = fwd_and_grads(layer, xs, cot)
+    np.testing.assert_allclose(y1, y0, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(gx1, gx0, atol=1e-5, rtol=1e-5)
+    for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(gp1), jax.tree_util.tree_leaves_with_path(gp0)):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4, err_msg=str(path))
+    return st1
+
+
 @pytest.mark.parametrize("backend", ["gather", "einsum"])
 def test_sharded_equals_single_device(mesh, backend):
     cfg = cfg_for(backend)
@@ -46,13 +59,7 @@ def test_sharded_equals_single_device(mesh, backend):
     assert int(st0.num_dropped) > 0  # cf 1.0 drops some: the sharded run must drop the same ones
 
     layer = create_sharded(lambda: MoeLayer(cfg, rngs=nnx.Rngs(0)), mesh)
-    with jax.set_mesh(mesh):
-        xs = jax.device_put(x, NamedSharding(mesh, P(("data", "expert") if "expert" in mesh.shape else "data")))
-        y1, st1, (gp1, gx1) = fwd_and_grads(layer, xs, cot)
-    np.testing.assert_allclose(y1, y0, atol=1e-5, rtol=1e-5)
-    np.testing.assert_allclose(gx1, gx0, atol=1e-5, rtol=1e-5)
-    for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(gp1), jax.tree_util.tree_leaves_with_path(gp0)):
-        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4, err_msg=str(path))
+    st1 = _sharded_matches(layer, mesh, x, cot, y0, gx0, gp0)
     assert int(st1.num_dropped) == int(st0.num_dropped)
     np.testing.assert_allclose(st1.load_balancing_loss, st0.load_balancing_loss, rtol=1e-5)
 
@@ -78,13 +85,7 @@ def test_dropless_bucket_sharded_equals_single_device(mesh, skewed):
     if skewed:                       # ladder (8,) at t = 16: expert 0 holds all 16 tokens -> 2 rounds of 8
         assert int(st0.max_expert_load) == S and int(st0.capacity_used) == 2 * 8
     layer = create_sharded(make, mesh)
-    with jax.set_mesh(mesh):
-        xs = jax.device_put(x, NamedSharding(mesh, P(("data", "expert") if "expert" in mesh.shape else "data")))
-        y1, st1, (gp1, gx1) = fwd_and_grads(layer, xs, cot)
-    np.testing.assert_allclose(y1, y0, atol=1e-5, rtol=1e-5)
-    np.testing.assert_allclose(gx1, gx0, atol=1e-5, rtol=1e-5)
-    for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(gp1), jax.tree_util.tree_leaves_with_path(gp0)):
-        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4, err_msg=str(path))
+    st1 = _sharded_matches(layer, mesh, x, cot, y0, gx0, gp0)
     assert int(st1.capacity_used) == int(st0.capacity_used)
     assert int(st1.max_expert_load) == int(st0.max_expert_load)
 
