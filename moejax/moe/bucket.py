@@ -209,11 +209,6 @@ def _bucketed(stages: ExpertStages, caps: tuple[int, ...], exact: int, num_exper
     return f
 
 
-def max_load(plan: RoutingPlan) -> jax.Array:
-    """int32 scalar: the most kept assignments any expert holds in any group (dropless: routed)."""
-    return jnp.max(jnp.where(plan.kept, plan.slot + 1, 0)).astype(jnp.int32)
-
-
 @dataclasses.dataclass(frozen=True)
 class BucketBackend(Backend):
     """Dispatch with run-time capacity buckets, the default for dropless layers (see the module
@@ -250,7 +245,7 @@ class BucketBackend(Backend):
 
     def capacity_used(self, plan: RoutingPlan) -> jax.Array:
         caps = self.capacities(plan)
-        need = max_load(plan)
+        need = plan.max_load()
         c = jnp.asarray(caps)[pick_bucket(caps, need)]
         return (jnp.maximum((need + c - 1) // c, 1) * c).astype(jnp.int32)
 
@@ -258,6 +253,6 @@ class BucketBackend(Backend):
         if not isinstance(plan, TokenChoicePlan):
             raise ValueError(f"backend='bucket' needs a token-choice routing plan, got {type(plan).__name__}")
         stages = experts.stages()
-        nd = (stages.rest, stages.key, plan.token, plan.expert, plan.slot, plan.kept, max_load(plan))
+        nd = (stages.rest, stages.key, plan.token, plan.expert, plan.slot, plan.kept, plan.max_load())
         f = _bucketed(stages, self.capacities(plan), plan.capacity, plan.num_experts, self.rules, self.autodiff)
         return f(stages.params, x, plan.kept_weight(), nd)

@@ -37,7 +37,7 @@ class MoeStats:
     ``selection_fraction [e]`` (f_e: top-k selections per non-padding token, before capacity; sums
     to k) and ``router_prob_mean [e]`` (P_e: mean router probability) — the two factors of the
     load-balancing loss, so other conventions (e.g. HF's pooled over layers) can be rebuilt — and
-    ``max_expert_load`` (int32: the most routed assignments one expert holds in one group),
+    ``max_expert_load`` (int32: the most kept assignments one expert holds in one group),
     ``capacity_used`` (int32: slots per expert and group the backend computed — the bucket, times
     the rounds, for ``bucket``; ``capacity`` for the others) and ``capacity`` (the plan's slots per
     expert and group, static; ``t`` when dropless).
@@ -256,7 +256,7 @@ def _stats(plan: RoutingPlan, losses: RouterLosses, mask: jax.Array, seq_len: in
         router_entropy=jnp.sum(ent * m) / num_real,
         selection_fraction=sel_count / num_real,
         router_prob_mean=jnp.einsum("gte,gt->e", probs, m) / num_real,
-        max_expert_load=jnp.max(jnp.where(plan.kept, plan.slot + 1, 0)).astype(jnp.int32),
+        max_expert_load=plan.max_load(),
         capacity_used=capacity_used,
         capacity=plan.capacity,
     )

@@ -54,6 +54,10 @@ class RoutingPlan:
     def tokens_per_group(self) -> int:
         return self.selected.shape[1]
 
+    def max_load(self) -> jax.Array:
+        """int32 scalar: the most kept assignments any expert holds in any group (dropless: routed)."""
+        return jnp.max(jnp.where(self.kept, self.slot + 1, 0)).astype(jnp.int32)
+
     def kept_weight(self) -> jax.Array:
         """``[g, a]`` combine weights, 0 where not kept."""
         return jnp.where(self.kept, self.weight, 0.0)
