@@ -3,8 +3,9 @@
 ``moejax params --model mixtral_8x7b [--mesh data=64,expert=8,model=4]``: exact parameter counts.
 ``moejax layout --devices 2048 [--models switch_c_2048,nllb_moe_54b]``: per-device bytes of params,
 optimizer state and MoE dispatch buffers on a pod-scale mesh, from abstract shapes.
-``moejax convert --hf_dir DIR --out CKPT``: a HF checkpoint (Mixtral / Llama / Mistral, Switch / T5,
-NLLB-MoE) to a moejax checkpoint (load it with ``moejax.load(path, mesh=None)``).
+``moejax convert --hf_dir DIR --out CKPT [--mesh data=2,expert=4] [--dtype bfloat16]``: a HF checkpoint
+(Mixtral / Mistral / Llama, Switch / T5, NLLB-MoE) to a moejax checkpoint, streamed from the
+memory-mapped shards into the mesh (load it with ``moejax.load(path, mesh=None)``).
 
 ``moejax merge --checkpoint DIR --num_experts N [--method frequency] --out CKPT`` and
 ``moejax quantize --checkpoint DIR --bits 8|4 [--group_size G] --out CKPT``: compress a trained
@@ -75,18 +76,23 @@ def cmd_layout(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from moejax import checkpoint
-    from moejax.convert import hf_mixtral, hf_nllb, hf_switch
-    from moejax.convert.safetensors_io import read_hf_config
+    import jax.numpy as jnp
 
-    model_type = read_hf_config(args.hf_dir).get("model_type")
-    readers = {"mixtral": hf_mixtral, "mistral": hf_mixtral, "llama": hf_mixtral, "switch_transformers": hf_switch,
-               "t5": hf_switch, "nllb-moe": hf_nllb}
-    if model_type not in readers:
-        raise ValueError(f"cannot convert model_type={model_type!r}; supported: {', '.join(sorted(readers))}")
-    model, cfg = readers[model_type].from_hf(args.hf_dir)
+    from moejax import checkpoint
+    from moejax.convert import from_hf
+    from moejax.sharding import make_mesh
+
+    mesh = make_mesh(_parse_mesh(args.mesh)) if args.mesh else None
+    dtype = None
+    if args.dtype:
+        if args.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"--dtype {args.dtype!r}: expected float32, bfloat16 or float16")
+        dtype = jnp.dtype(args.dtype)
+    ignore = tuple(f for f in args.ignore_hf_fields.split(",") if f)
+    model, cfg = from_hf(args.hf_dir, mesh=mesh, dtype=dtype, ignore_fields=ignore)
     checkpoint.save(model, args.out)
-    print(f"converted {model_type} from {args.hf_dir} -> {args.out}")
+    print(f"converted {args.hf_dir} -> {args.out} ({type(cfg).__name__}, params in {jnp.dtype(cfg.param_dtype).name}"
+          f"{', sharded over ' + args.mesh if mesh is not None else ''})")
     return 0
 
 
@@ -244,6 +250,10 @@ def main(argv=None) -> int:
     pc = sub.add_parser("convert", help="Hugging Face save_pretrained dir (safetensors) -> moejax orbax checkpoint")
     pc.add_argument("--hf_dir", required=True)
     pc.add_argument("--out", required=True)
+    pc.add_argument("--mesh", default="", help="e.g. data=2,expert=4: each parameter is read straight into its shards")
+    pc.add_argument("--dtype", default="", help="parameter dtype (default: the checkpoint's, e.g. bfloat16)")
+    pc.add_argument("--ignore_hf_fields", default="",
+                    help="comma-separated config.json fields to accept although moejax does not know them")
     pc.set_defaults(fn=cmd_convert)
     pm = sub.add_parser("merge", help="merge each MoE layer's experts into fewer (1 = dense)")
     pm.add_argument("--checkpoint", required=True, help="trainer MODEL_DIR or moejax checkpoint")

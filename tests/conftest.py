@@ -42,3 +42,10 @@ def mesh(request, devices):
 def make_test_mesh(devices):
     """Factory: ``make_test_mesh({'data': 2, 'expert': 4})``."""
     return lambda shape: make_mesh(shape, devices)
+
+
+def pytest_collection_modifyitems(items):
+    """Modules with slow tests first (order kept within each module), so ``pytest -n 2`` starts
+    the long end-to-end runs early instead of leaving one worker on them alone at the end."""
+    slow_modules = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.module.__name__ not in slow_modules)

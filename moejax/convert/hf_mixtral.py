@@ -9,41 +9,83 @@ Weight names (transformers 4.x, "v4 keys"): ``model.embed_tokens.weight``,
 
 from __future__ import annotations
 
+import json
+import os
+
+import jax
 import numpy as np
 from flax import nnx
 
-from moejax.convert.mapping import WeightReader, load_into
-from moejax.convert.safetensors_io import load_hf_dir, read_hf_config, save_hf_dir
+from moejax.convert.fields import TRAINING_ONLY, FieldTable, rope_theta
+from moejax.convert.load import build_from_hf
+from moejax.convert.mapping import Source, WeightReader, tied_head
+from moejax.convert.safetensors_io import MAX_SHARD_BYTES, ShardedWriter
 from moejax.models import Decoder, DecoderConfig
 from moejax.moe import MoeConfig
 
 SUPPORTED = ("mixtral", "mistral", "llama")
 
+# the transformers config classes' defaults for a field a config.json may leave out
+_DEFAULTS = {
+    "mixtral": {"rope_theta": 1e6, "rms_norm_eps": 1e-5, "sliding_window": None, "num_key_value_heads": 8,
+                "num_experts_per_tok": 2, "num_local_experts": 8, "router_jitter_noise": 0.0},
+    "mistral": {"rope_theta": 1e4, "rms_norm_eps": 1e-6, "sliding_window": 4096, "num_key_value_heads": 8},
+    "llama": {"rope_theta": 1e4, "rms_norm_eps": 1e-6, "sliding_window": None, "num_key_value_heads": None},
+}
 
-def config_from_hf(hf: dict, **overrides) -> DecoderConfig:
-    """Map a Mixtral / Mistral / Llama ``config.json`` to a :class:`DecoderConfig`."""
+FIELDS = FieldTable(
+    "mixtral/mistral/llama",
+    honoured=frozenset({
+        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+        "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters",
+        "sliding_window", "tie_word_embeddings", "num_local_experts", "num_experts_per_tok", "router_jitter_noise"}),
+    inert={
+        "max_position_embeddings": "plain RoPE does not depend on it (scaled RoPE is refused)",
+        "pad_token_id": "the pad id only matters to the tokenizer and the loss mask",
+        "decoder_start_token_id": "a decoder-only model has no decoder start",
+        "attention_dropout": TRAINING_ONLY, "router_aux_loss_coef": TRAINING_ONLY,
+        "output_router_logits": "an output option",
+        "pretraining_tp": "splits the projections into slices and sums them: the same numbers",
+    },
+    fixed={"hidden_act": ("silu",), "attention_bias": (False, None), "mlp_bias": (False, None),
+           "use_sliding_window": (False, None)},
+)
+
+
+def config_from_hf(hf: dict, *, ignore_fields=(), weights=None, **overrides) -> DecoderConfig:
+    """Map a Mixtral / Mistral / Llama ``config.json`` (transformers 4.x or 5.x layout) to a
+    :class:`DecoderConfig`. Every field is honoured or refused by name (:data:`FIELDS`); a field
+    the file leaves out takes the transformers class default (Mixtral's RoPE base is 1e6).
+    ``weights`` (the checkpoint's, optional): a stored ``lm_head`` that differs from the embedding
+    unties them, as transformers 5 decides."""
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED:
         raise ValueError(f"config.json has model_type={model_type!r}; this converter reads {', '.join(SUPPORTED)}")
-    unsupported = {k: hf[k] for k in ("rope_scaling", "attention_bias", "mlp_bias") if hf.get(k)}
-    if hf.get("hidden_act", "silu") != "silu":
-        unsupported["hidden_act"] = hf["hidden_act"]
-    if unsupported:
-        raise ValueError(f"config.json uses features this converter does not implement: {unsupported}")
+    FIELDS.check(hf, ignore_fields)
+    dflt = _DEFAULTS[model_type]
+    if model_type != "mixtral":
+        experts = sorted(k for k in ("num_local_experts", "num_experts_per_tok", "router_jitter_noise") if k in hf)
+        if experts:
+            raise ValueError(f"{model_type} config.json has MoE fields {experts}; a {model_type} model is dense")
+    get = lambda k: hf[k] if k in hf else dflt.get(k)  # noqa: E731
     d = hf["hidden_size"]
     heads = hf["num_attention_heads"]
     head_dim = hf.get("head_dim") or d // heads
+    window = get("sliding_window")
+    if window is not None and window < 1:
+        raise ValueError(f"{model_type} config.json has sliding_window={window}; expected a window >= 1 or null")
     moe = None
     if model_type == "mixtral":
-        moe = MoeConfig(num_experts=hf["num_local_experts"], d_model=d, d_ff=hf["intermediate_size"],
-                        top_k=hf["num_experts_per_tok"], weight_norm="topk", dropless=True, activation="swiglu",
-                        jitter_eps=hf.get("router_jitter_noise", 0.0) or 0.0)
+        moe = MoeConfig(num_experts=get("num_local_experts"), d_model=d, d_ff=hf["intermediate_size"],
+                        top_k=get("num_experts_per_tok"), weight_norm="topk", dropless=True, activation="swiglu",
+                        jitter_eps=float(get("router_jitter_noise") or 0.0))
     cfg = DecoderConfig(
         vocab_size=hf["vocab_size"], d_model=d, num_layers=hf["num_hidden_layers"], num_heads=heads,
-        num_kv_heads=hf.get("num_key_value_heads") or heads, head_dim=head_dim, d_ff=hf["intermediate_size"],
-        activation="swiglu", norm_eps=hf.get("rms_norm_eps", 1e-5), rope_theta=hf.get("rope_theta", 10000.0),
-        sliding_window=hf.get("sliding_window"), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        moe=moe, moe_every=1,
+        num_kv_heads=get("num_key_value_heads") or heads, head_dim=head_dim, d_ff=hf["intermediate_size"],
+        activation="swiglu", norm_eps=float(get("rms_norm_eps")),
+        rope_theta=rope_theta(hf, dflt["rope_theta"], model_type), sliding_window=window,
+        tie_embeddings=tied_head(bool(hf.get("tie_word_embeddings", False)), weights, "lm_head.weight",
+                                 "model.embed_tokens.weight"), moe=moe, moe_every=1,
     )
     return cfg.replace(**overrides).validate()
 
@@ -73,23 +115,22 @@ def _expert_names(i: int, e: int, which: str) -> str:
     return f"model.layers.{i}.block_sparse_moe.experts.{e}.{which}.weight"
 
 
-def hf_to_state(cfg: DecoderConfig, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Flat ``{moejax param path: array}`` for a Decoder built from ``cfg``.
+def hf_to_state(cfg: DecoderConfig, weights) -> dict[str, Source]:
+    """Flat ``{moejax param path: lazy source}`` for a Decoder built from ``cfg``; ``weights`` is a
+    ``{HF name: array}`` mapping (memory-mapped by ``open_hf_dir``).
 
     Raises ValueError listing HF weights that were not used or were missing.
     """
     r = WeightReader(weights)
-    out: dict[str, np.ndarray] = {"embed/embedding": r.get("model.embed_tokens.weight"),
-                                  "norm/scale": r.get("model.norm.weight")}
+    out: dict[str, Source] = {"embed/embedding": r.get("model.embed_tokens.weight"),
+                              "norm/scale": r.get("model.norm.weight")}
     if cfg.tie_embeddings:
         r.alias("lm_head.weight")  # a tied checkpoint may or may not store the shared copy
     else:
-        w = r.get("lm_head.weight")
-        out["lm_head"] = None if w is None else w.T
+        out["lm_head"] = r.get("lm_head.weight", lambda w: w.T)
     for i in range(cfg.num_layers):
         for path, (name, fn) in _layer_map(cfg, i).items():
-            w = r.get(name)
-            r.push(f"stack/blocks/0/{path}", None if w is None else fn(w))
+            r.push(f"stack/blocks/0/{path}", r.get(name, fn))
         if cfg.moe is not None:
             for path, which in (("ffn/experts/wi_0", "w1"), ("ffn/experts/wi_1", "w3"), ("ffn/experts/wo", "w2")):
                 names = [_expert_names(i, e, which) for e in range(cfg.moe.num_experts)]
@@ -97,54 +138,107 @@ def hf_to_state(cfg: DecoderConfig, weights: dict[str, np.ndarray]) -> dict[str,
     return r.finish(out)
 
 
-def from_hf(path: str, *, rngs: nnx.Rngs | None = None, **overrides) -> tuple[Decoder, DecoderConfig]:
-    """Build a :class:`Decoder` from a HF Mixtral / Mistral / Llama ``save_pretrained`` directory."""
-    cfg = config_from_hf(read_hf_config(path), **overrides)  # fail on a wrong model before reading weights
-    _, weights = load_hf_dir(path)
-    model = Decoder(cfg, rngs=rngs or nnx.Rngs(0))
-    return load_into(model, hf_to_state(cfg, weights)), cfg
+def from_hf(path: str, **kw) -> tuple[Decoder, DecoderConfig]:
+    """Build a :class:`Decoder` from a HF Mixtral / Mistral / Llama ``save_pretrained`` directory,
+    streaming (see :func:`moejax.convert.load.build_from_hf` for ``mesh``, ``dtype``, ...)."""
+    return build_from_hf(path, config_from_hf, hf_to_state, **kw)
 
 
-def to_hf(model: Decoder, path: str) -> None:
-    """Export a Mixtral-family :class:`Decoder` to a HF ``save_pretrained`` directory (safetensors)."""
-    cfg = model.cfg
+def export_plan(cfg: DecoderConfig) -> list[tuple[str, str, int | None, callable]]:
+    """``[(HF name, moejax param path, layer or None, fn: that param's (layer) array -> HF tensor)]``
+    in the order the tensors are written, grouped by parameter (and layer)."""
+    h, k, x, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.d_model
+    plan = [("model.embed_tokens.weight", "embed/embedding", None, lambda w: w),
+            ("model.norm.weight", "norm/scale", None, lambda w: w)]
+    if not cfg.tie_embeddings:
+        plan.append(("lm_head.weight", "lm_head", None, lambda w: w.T))
+    b = "stack/blocks/0/"
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        plan += [(p + "self_attn.q_proj.weight", b + "attn/q", i, lambda w: w.reshape(d, h * x).T),
+                 (p + "self_attn.k_proj.weight", b + "attn/k", i, lambda w: w.reshape(d, k * x).T),
+                 (p + "self_attn.v_proj.weight", b + "attn/v", i, lambda w: w.reshape(d, k * x).T),
+                 (p + "self_attn.o_proj.weight", b + "attn/o", i, lambda w: w.reshape(h * x, d).T),
+                 (p + "input_layernorm.weight", b + "attn_norm/scale", i, lambda w: w),
+                 (p + "post_attention_layernorm.weight", b + "ffn_norm/scale", i, lambda w: w)]
+        if cfg.moe is None:
+            plan += [(p + "mlp.gate_proj.weight", b + "ffn/wi_0", i, lambda w: w.T),
+                     (p + "mlp.up_proj.weight", b + "ffn/wi_1", i, lambda w: w.T),
+                     (p + "mlp.down_proj.weight", b + "ffn/wo", i, lambda w: w.T)]
+        else:
+            plan.append((p + "block_sparse_moe.gate.weight", b + "ffn/router/kernel", i, lambda w: w.T))
+            for path, which in (("ffn/experts/wi_0", "w1"), ("ffn/experts/wi_1", "w3"), ("ffn/experts/wo", "w2")):
+                plan += [(_expert_names(i, e, which), b + path, i, lambda w, e=e: w[e].T)
+                         for e in range(cfg.moe.num_experts)]
+    return plan
+
+
+def hf_config(cfg: DecoderConfig, dtype) -> dict:
+    """The ``config.json`` of :func:`to_hf`: ``mixtral`` with experts, else ``mistral`` when there
+    is a sliding window (Llama has none), else ``llama``."""
+    d, moe = cfg.d_model, cfg.moe
+    model_type = "mixtral" if moe is not None else "mistral" if cfg.sliding_window is not None else "llama"
+    arch = {"mixtral": "MixtralForCausalLM", "mistral": "MistralForCausalLM", "llama": "LlamaForCausalLM"}
+    hf = {
+        "model_type": model_type, "architectures": [arch[model_type]],
+        "vocab_size": cfg.vocab_size, "hidden_size": d, "intermediate_size": moe.d_ff if moe else cfg.d_ff,
+        "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim, "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta, "tie_word_embeddings": cfg.tie_embeddings, "hidden_act": "silu",
+        "dtype": np.dtype(dtype).name,
+    }
+    if model_type != "llama":
+        hf["sliding_window"] = cfg.sliding_window
+    else:
+        hf.update(attention_bias=False, mlp_bias=False)
+    if moe is not None:
+        hf.update(num_local_experts=moe.num_experts, num_experts_per_tok=moe.top_k,
+                  router_jitter_noise=moe.jitter_eps, output_router_logits=False)
+    return hf
+
+
+def _check_exportable(cfg: DecoderConfig) -> None:
     if cfg.period != 1:
         raise ValueError(f"HF export needs every layer alike (Mixtral / Llama); got moe_every={cfg.moe_every}")
-    flat = {"/".join(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-    h, k, x, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.d_model
-    w = {"model.embed_tokens.weight": flat["embed/embedding"], "model.norm.weight": flat["norm/scale"]}
-    if not cfg.tie_embeddings:
-        w["lm_head.weight"] = flat["lm_head"].T
-    for i in range(cfg.num_layers):
-        def g(name, i=i):
-            return flat[f"stack/blocks/0/{name}"][i]
+    if cfg.moe_extra_mlp or cfg.attn_scale is not None or cfg.activation != "swiglu":
+        raise ValueError("HF export writes Mixtral / Mistral / Llama; this model has "
+                         f"moe_extra_mlp={cfg.moe_extra_mlp}, attn_scale={cfg.attn_scale}, "
+                         f"activation={cfg.activation!r} (needs False, None, 'swiglu')")
+    moe = cfg.moe
+    if moe is not None and (moe.activation != "swiglu" or moe.weight_norm != "topk" or not moe.dropless
+                            or moe.num_shared_experts or moe.router_bias or moe.use_bias):
+        raise ValueError("HF export writes Mixtral's MoE (dropless softmax top-k renormalised, SwiGLU experts); "
+                         f"this model's MoE differs: {moe}")
 
-        p = f"model.layers.{i}."
-        w[p + "self_attn.q_proj.weight"] = g("attn/q").reshape(d, h * x).T
-        w[p + "self_attn.k_proj.weight"] = g("attn/k").reshape(d, k * x).T
-        w[p + "self_attn.v_proj.weight"] = g("attn/v").reshape(d, k * x).T
-        w[p + "self_attn.o_proj.weight"] = g("attn/o").reshape(h * x, d).T
-        w[p + "input_layernorm.weight"] = g("attn_norm/scale")
-        w[p + "post_attention_layernorm.weight"] = g("ffn_norm/scale")
-        if cfg.moe is None:
-            w[p + "mlp.gate_proj.weight"] = g("ffn/wi_0").T
-            w[p + "mlp.up_proj.weight"] = g("ffn/wi_1").T
-            w[p + "mlp.down_proj.weight"] = g("ffn/wo").T
-        else:
-            w[p + "block_sparse_moe.gate.weight"] = g("ffn/router/kernel").T
-            for e in range(cfg.moe.num_experts):
-                w[_expert_names(i, e, "w1")] = g("ffn/experts/wi_0")[e].T
-                w[_expert_names(i, e, "w3")] = g("ffn/experts/wi_1")[e].T
-                w[_expert_names(i, e, "w2")] = g("ffn/experts/wo")[e].T
-    hf = {
-        "model_type": "mixtral" if cfg.moe is not None else "llama",
-        "architectures": ["MixtralForCausalLM" if cfg.moe is not None else "LlamaForCausalLM"],
-        "vocab_size": cfg.vocab_size, "hidden_size": d, "intermediate_size": cfg.moe.d_ff if cfg.moe else cfg.d_ff,
-        "num_hidden_layers": cfg.num_layers, "num_attention_heads": h, "num_key_value_heads": k, "head_dim": x,
-        "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta, "sliding_window": cfg.sliding_window,
-        "tie_word_embeddings": cfg.tie_embeddings, "hidden_act": "silu", "torch_dtype": "float32",
-    }
-    if cfg.moe is not None:
-        hf.update(num_local_experts=cfg.moe.num_experts, num_experts_per_tok=cfg.moe.top_k,
-                  router_jitter_noise=cfg.moe.jitter_eps, output_router_logits=False)
-    save_hf_dir(path, hf, w)
+
+def to_hf(model: Decoder, path: str, *, dtype=None, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+    """Export a Mixtral / Mistral / Llama :class:`Decoder` to a HF ``save_pretrained`` directory,
+    streaming: one parameter (one layer of it) on the host at a time, written into safetensors
+    shards (with ``model.safetensors.index.json`` above ``max_shard_bytes``). ``dtype``: the
+    tensors' dtype (default: the parameters')."""
+    cfg = model.cfg
+    _check_exportable(cfg)
+    params = {"/".join(map(str, p)): v for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    arrays = {name: (var.get_value() if hasattr(var, "get_value") else var.value) for name, var in params.items()}
+    dtype = np.dtype(dtype) if dtype is not None else np.dtype(arrays["embed/embedding"].dtype)
+    plan = export_plan(cfg)
+
+    def part(path, layer):
+        a = arrays[path]
+        return jax.ShapeDtypeStruct(a.shape[1:] if layer is not None else a.shape, a.dtype)
+
+    shapes = [(name, tuple(jax.eval_shape(fn, part(p, i)).shape), dtype) for name, p, i, fn in plan]
+    writer = ShardedWriter(path, shapes, max_shard_bytes)
+    cached = (None, None)
+    try:
+        for name, p, i, fn in plan:
+            if cached[0] != (p, i):
+                a = arrays[p]
+                cached = ((p, i), np.asarray(jax.device_get(a[i] if i is not None else a)))
+            writer.write(name, np.asarray(fn(cached[1])).astype(dtype))
+    except BaseException:
+        writer.close(complete=False)
+        raise
+    writer.close()
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(hf_config(cfg, dtype), f, indent=2)

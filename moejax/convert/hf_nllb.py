@@ -5,61 +5,101 @@ self_attn.{q,k,v,out}_proj.{weight,bias}``, ``self_attn_layer_norm``, ``ff_layer
 ``cross_attention.*`` and ``cross_attention_layer_norm``; dense ``ffn.fc{1,2}``; sparse
 ``ffn.router.classifier.weight [E, d]`` and ``ffn.experts.expert_{j}.fc{1,2}.{weight,bias}``;
 ``model.{encoder,decoder}.layer_norm``; tied ``lm_head.weight``. Sinusoidal positions are not
-stored (recomputed). Routing: the whole batch is one group; eval capacity
-``ceil(moe_eval_capacity_token_fraction * tokens)``; training capacity ``2 * ceil(tokens / E)``
-(the fairseq default; a fixed Hub ``expert_capacity`` is not mirrored in training).
+stored (recomputed). Routing: the whole batch is one group; capacity as :func:`config_from_hf` says.
 """
 
 from __future__ import annotations
 
-import numpy as np
-from flax import nnx
-
-from moejax.convert.mapping import WeightReader, load_into
-from moejax.convert.safetensors_io import load_hf_dir, read_hf_config
+from moejax.convert.fields import TRAINING_ONLY, FieldTable
+from moejax.convert.load import build_from_hf
+from moejax.convert.mapping import Source, WeightReader, tied_head
 from moejax.models.config import EncDecConfig
 from moejax.models.encdec import EncoderDecoder
 from moejax.moe import MoeConfig
 
+FIELDS = FieldTable(
+    "nllb-moe",
+    honoured=frozenset({
+        "vocab_size", "d_model", "encoder_ffn_dim", "decoder_ffn_dim", "encoder_layers", "decoder_layers",
+        "encoder_attention_heads", "decoder_attention_heads", "scale_embedding", "num_experts", "expert_capacity",
+        "encoder_sparse_step", "decoder_sparse_step", "router_bias", "second_expert_policy",
+        "normalize_router_prob_before_dropping", "batch_prioritized_routing", "moe_eval_capacity_token_fraction",
+        "moe_token_dropout", "tie_word_embeddings", "pad_token_id", "decoder_start_token_id", "num_hidden_layers"}),
+    inert={
+        "dropout": TRAINING_ONLY, "attention_dropout": TRAINING_ONLY, "activation_dropout": TRAINING_ONLY,
+        "encoder_layerdrop": TRAINING_ONLY, "decoder_layerdrop": TRAINING_ONLY,
+        "router_z_loss_coef": TRAINING_ONLY, "router_aux_loss_coef": TRAINING_ONLY,
+        "output_router_logits": "an output option",
+        "max_position_embeddings": "moejax computes the sinusoidal positions for any length",
+    },
+    fixed={"activation_function": ("relu",), "router_dtype": ("float32",),
+           # False (the default) masks padding tokens out of routing, as moejax does
+           "router_ignore_padding_tokens": (False,)},
+)
 
-def config_from_hf(hf: dict, **overrides) -> EncDecConfig:
-    """Map an ``nllb-moe`` ``config.json`` to an :class:`EncDecConfig`."""
+
+def config_from_hf(hf: dict, *, ignore_fields=(), weights=None, **overrides) -> EncDecConfig:
+    """Map an ``nllb-moe`` ``config.json`` to an :class:`EncDecConfig`; every field is honoured or
+    refused by name (:data:`FIELDS`).
+
+    Capacity as transformers computes it: eval ``ceil(moe_eval_capacity_token_fraction * tokens)``
+    when the fraction is > 0, else the fixed ``expert_capacity`` (then also in training, as
+    transformers does); training otherwise ``2 * ceil(tokens / E)`` (fairseq's rule).
+    ``tie_word_embeddings: false`` reads the checkpoint's own ``lm_head.weight`` (so does a stored
+    head that differs from the embedding, as transformers 5 decides)."""
     if hf.get("model_type") != "nllb-moe":
         raise ValueError(f"config.json has model_type={hf.get('model_type')!r}; this converter reads nllb-moe")
-    d, e = hf["d_model"], hf["num_experts"]
+    FIELDS.check(hf, ignore_fields)
+    d, e = hf["d_model"], hf.get("num_experts", 128)
     if hf["encoder_ffn_dim"] != hf["decoder_ffn_dim"] or hf["encoder_attention_heads"] != hf["decoder_attention_heads"]:
-        raise ValueError("moejax NLLB needs equal encoder/decoder ffn_dim and attention heads")
-    if hf.get("activation_function", "relu") != "relu":
-        raise ValueError(f"unsupported activation_function {hf.get('activation_function')!r}; supported: relu")
-    frac = hf.get("moe_eval_capacity_token_fraction", 1.0) or 0.0
+        raise ValueError("moejax NLLB needs equal encoder/decoder ffn_dim and attention heads; got "
+                         f"encoder_ffn_dim={hf['encoder_ffn_dim']}, decoder_ffn_dim={hf['decoder_ffn_dim']}, "
+                         f"encoder_attention_heads={hf['encoder_attention_heads']}, "
+                         f"decoder_attention_heads={hf['decoder_attention_heads']}")
+    frac = hf.get("moe_eval_capacity_token_fraction", 1.0)
+    frac = 0.0 if frac is None else float(frac)
+    fixed_capacity = None
+    if frac <= 0:
+        fixed_capacity = hf.get("expert_capacity", 64)
+        if fixed_capacity is None:
+            raise ValueError("nllb-moe config.json has moe_eval_capacity_token_fraction<=0 and expert_capacity=null: "
+                             "transformers then uses 2*ceil(tokens/E) in eval, which moejax does not reproduce; "
+                             "set moe_eval_capacity_token_fraction > 0 or an expert_capacity")
     moe = MoeConfig(num_experts=e, d_model=d, d_ff=hf["encoder_ffn_dim"], top_k=2,
                     second_expert_policy=hf.get("second_expert_policy", "all"),
                     weight_norm="topk" if hf.get("normalize_router_prob_before_dropping") else "kept",
                     batch_prioritized=bool(hf.get("batch_prioritized_routing", False)),
                     capacity_factor_train=1.0, capacity_factor_eval=frac * e / 2 if frac > 0 else 1.0, min_capacity=0,
+                    expert_capacity=fixed_capacity,
                     max_group_size=1 << 30, activation="relu", use_bias=True,
-                    eom_rate=float(hf.get("moe_token_dropout", 0.0) or 0.0), router_bias=bool(hf.get("router_bias")))
+                    eom_rate=float(hf.get("moe_token_dropout", 0.2) or 0.0), router_bias=bool(hf.get("router_bias")))
     heads = hf["encoder_attention_heads"]
+    tied = tied_head(bool(hf.get("tie_word_embeddings", True)), weights, "lm_head.weight", "model.shared.weight")
     cfg = EncDecConfig(
         vocab_size=hf["vocab_size"], d_model=d, num_encoder_layers=hf["encoder_layers"],
         num_decoder_layers=hf["decoder_layers"], num_heads=heads, head_dim=d // heads, d_ff=hf["encoder_ffn_dim"],
-        activation="relu", norm_eps=1e-5, tie_embeddings=True, moe=moe,
-        encoder_moe_every=hf["encoder_sparse_step"], decoder_moe_every=hf["decoder_sparse_step"], moe_offset=-1,
-        norm="layer", positions="sinusoidal", attn_bias=True, attn_scaled=True, ffn_bias=True,
+        activation="relu", norm_eps=1e-5, tie_embeddings=tied, moe=moe,
+        encoder_moe_every=hf.get("encoder_sparse_step", 4), decoder_moe_every=hf.get("decoder_sparse_step", 4),
+        moe_offset=-1, norm="layer", positions="sinusoidal", attn_bias=True, attn_scaled=True, ffn_bias=True,
         embed_scale=bool(hf.get("scale_embedding", True)), scale_tied_logits=False, pad_id=hf.get("pad_token_id", 1),
         decoder_start_id=hf.get("decoder_start_token_id", 2),
     )
     return cfg.replace(**overrides).validate()
 
 
-def hf_to_state(cfg: EncDecConfig, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Flat ``{moejax path: array}``; ValueError lists missing and unexpected HF weights."""
+def hf_to_state(cfg: EncDecConfig, weights) -> dict[str, Source]:
+    """Flat ``{moejax path: lazy source}`` from ``{HF name: array}``; ValueError lists missing and
+    unexpected HF weights."""
     r = WeightReader(weights)
     get = r.get
     h, x, d = cfg.num_heads, cfg.head_dim, cfg.d_model
     ident = lambda w: w  # noqa: E731
-    flat: dict[str, np.ndarray] = {"embed/embedding": get("model.shared.weight")}
-    r.alias("model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight", "lm_head.weight")
+    flat: dict[str, Source] = {"embed/embedding": get("model.shared.weight")}
+    r.alias("model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight")
+    if cfg.tie_embeddings:
+        r.alias("lm_head.weight")
+    else:
+        flat["lm_head"] = get("lm_head.weight", lambda w: w.T)
     for which, n, dec in (("encoder", cfg.num_encoder_layers, False), ("decoder", cfg.num_decoder_layers, True)):
         p = cfg.period(dec)
         for leaf, hf_leaf in (("scale", "weight"), ("bias", "bias")):
@@ -95,14 +135,11 @@ def hf_to_state(cfg: EncDecConfig, weights: dict[str, np.ndarray]) -> dict[str, 
                 m["ffn/wo"] = (pre + "ffn.fc2.weight", lambda w: w.T)
                 m["ffn/bo"] = (pre + "ffn.fc2.bias", ident)
             for path, (name, fn) in m.items():
-                w = get(name)
-                r.push(base + path, None if w is None else fn(w))
+                r.push(base + path, get(name, fn))
     return r.finish(flat)
 
 
-def from_hf(path: str, *, rngs: nnx.Rngs | None = None, **overrides) -> tuple[EncoderDecoder, EncDecConfig]:
-    """Build an :class:`EncoderDecoder` from a HF NLLB-MoE ``save_pretrained`` directory."""
-    cfg = config_from_hf(read_hf_config(path), **overrides)
-    _, weights = load_hf_dir(path)
-    model = EncoderDecoder(cfg, rngs=rngs or nnx.Rngs(0))
-    return load_into(model, hf_to_state(cfg, weights)), cfg
+def from_hf(path: str, **kw) -> tuple[EncoderDecoder, EncDecConfig]:
+    """Build an :class:`EncoderDecoder` from a HF NLLB-MoE ``save_pretrained`` directory, streaming
+    (see :func:`moejax.convert.load.build_from_hf` for ``mesh``, ``dtype``, ...)."""
+    return build_from_hf(path, config_from_hf, hf_to_state, **kw)

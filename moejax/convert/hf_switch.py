@@ -10,65 +10,139 @@ HF names (transformers 4.x): ``shared.weight``; ``{encoder,decoder}.block.{i}.la
 
 from __future__ import annotations
 
-import numpy as np
-from flax import nnx
-
-from moejax.convert.mapping import WeightReader, load_into
-from moejax.convert.safetensors_io import load_hf_dir, read_hf_config
+from moejax.convert.fields import TRAINING_ONLY, FieldTable
+from moejax.convert.load import build_from_hf
+from moejax.convert.mapping import Source, WeightReader, tied_head
 from moejax.models.config import EncDecConfig
 from moejax.models.encdec import EncoderDecoder
 from moejax.moe import MoeConfig
+from moejax.moe.experts import activation_fn
 
-_ACTS = {"relu": "relu", "gelu_new": "gelu", "gelu": "gelu_exact", "gelu_pytorch_tanh": "gelu"}
+_ACTS = {"relu": "relu", "gelu_new": "gelu", "gelu": "gelu_exact", "gelu_pytorch_tanh": "gelu", "silu": "silu",
+         "swish": "silu"}
+_GATED = {"gelu": "gated-gelu", "gelu_exact": "gated-gelu_exact", "silu": "swiglu"}
+
+FIELDS = FieldTable(
+    "t5/switch_transformers",
+    honoured=frozenset({
+        "vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_decoder_layers", "num_heads",
+        "relative_attention_num_buckets", "relative_attention_max_distance", "layer_norm_epsilon",
+        "feed_forward_proj", "dense_act_fn", "is_gated_act", "tie_word_embeddings", "scale_decoder_outputs",
+        "pad_token_id", "decoder_start_token_id", "num_experts", "expert_capacity", "num_sparse_encoder_layers",
+        "num_sparse_decoder_layers", "encoder_sparse_step", "decoder_sparse_step", "router_bias",
+        "router_jitter_noise"}),
+    inert={
+        "dropout_rate": TRAINING_ONLY, "classifier_dropout": TRAINING_ONLY, "router_z_loss_coef": TRAINING_ONLY,
+        "router_aux_loss_coef": TRAINING_ONLY, "add_router_probs": "an output option",
+        "router_ignore_padding_tokens": "transformers' Switch router never reads it",
+        "n_positions": "T5's relative positions have no table of absolute positions",
+    },
+    fixed={"router_dtype": ("float32",), "num_selected_experts": (1,), "router_type": ("tokens_masked",),
+           "batch_prioritized_routing": (False,)},
+)
 
 
-def config_from_hf(hf: dict, **overrides) -> EncDecConfig:
-    """Map a ``switch_transformers`` (or ``t5``, dense) ``config.json`` to an :class:`EncDecConfig`."""
+def _activation(hf: dict, model_type: str) -> tuple[str, bool]:
+    """(moejax activation of the FFNs, gated?) from ``feed_forward_proj`` / ``dense_act_fn`` /
+    ``is_gated_act`` as transformers derives them (``gated-gelu`` is the tanh GeLU, ``gelu_new``)."""
+    proj = hf.get("feed_forward_proj")
+    if proj is not None:
+        parts = proj.split("-")
+        if len(parts) > 2 or (len(parts) == 2 and parts[0] != "gated"):
+            raise ValueError(f"{model_type} config.json has feed_forward_proj={proj!r}; expected 'ACT' or 'gated-ACT'")
+        gated, act = len(parts) == 2, parts[-1]
+        act = "gelu_new" if proj == "gated-gelu" else act
+        if "dense_act_fn" in hf and hf["dense_act_fn"] != act:
+            raise ValueError(f"{model_type} config.json has feed_forward_proj={proj!r} but dense_act_fn="
+                             f"{hf['dense_act_fn']!r} (transformers derives {act!r})")
+        if "is_gated_act" in hf and bool(hf["is_gated_act"]) != gated:
+            raise ValueError(f"{model_type} config.json has feed_forward_proj={proj!r} but is_gated_act="
+                             f"{hf['is_gated_act']!r}")
+    else:
+        act, gated = hf.get("dense_act_fn", "relu"), bool(hf.get("is_gated_act", False))
+    if act not in _ACTS:
+        raise ValueError(f"{model_type} config.json uses activation {act!r}; supported: {', '.join(_ACTS)}")
+    ours = _ACTS[act]
+    if gated:
+        if model_type == "switch_transformers":
+            raise ValueError("switch_transformers config.json asks for a gated FFN (feed_forward_proj / is_gated_act), "
+                             "which transformers' Switch Transformers does not implement")
+        if ours not in _GATED:
+            raise ValueError(f"{model_type} config.json has a gated {act!r} FFN; moejax has gated gelu, gelu_new, silu")
+        ours = _GATED[ours]
+    return ours, gated
+
+
+def config_from_hf(hf: dict, *, ignore_fields=(), weights=None, **overrides) -> EncDecConfig:
+    """Map a ``switch_transformers`` or ``t5`` (v1.0 dense ReLU, v1.1 / gated GeLU, ...) ``config.json``
+    (transformers 4.x or 5.x layout) to an :class:`EncDecConfig`; every field is honoured or refused
+    by name (:data:`FIELDS`). ``weights`` (optional): a stored ``lm_head`` differing from the
+    embedding unties them (transformers 5 writes ``tie_word_embeddings: true`` for every T5)."""
     mt = hf.get("model_type")
     if mt not in ("switch_transformers", "t5"):
         raise ValueError(f"config.json has model_type={mt!r}; this converter reads switch_transformers, t5")
-    act = hf.get("dense_act_fn", hf.get("feed_forward_proj", "relu"))
-    if act not in _ACTS:
-        raise ValueError(f"unsupported dense_act_fn {act!r}; supported: {', '.join(_ACTS)}")
+    FIELDS.check(hf, ignore_fields)
+    if mt == "t5":
+        moe_keys = sorted(k for k in hf if k in ("num_experts", "expert_capacity", "num_sparse_encoder_layers",
+                                                  "num_sparse_decoder_layers", "router_bias", "router_jitter_noise"))
+        if moe_keys:
+            raise ValueError(f"t5 config.json has MoE fields {moe_keys}; a t5 model is dense")
+    act, _ = _activation(hf, mt)
     d = hf["d_model"]
     n_enc = hf["num_layers"]
     n_dec = hf.get("num_decoder_layers") or n_enc
     moe = None
     enc_step = dec_step = 1
     if mt == "switch_transformers":
-        sp_enc, sp_dec = hf.get("num_sparse_encoder_layers", 0), hf.get("num_sparse_decoder_layers", 0)
+        sp_enc, sp_dec = hf.get("num_sparse_encoder_layers", 3), hf.get("num_sparse_decoder_layers", 3)
         if (sp_enc > 0) != (sp_dec > 0):
             raise ValueError("moejax needs sparse layers in both stacks or in neither "
                              f"(num_sparse_encoder_layers={sp_enc}, num_sparse_decoder_layers={sp_dec})")
         if sp_enc:
             enc_step, dec_step = n_enc // sp_enc, n_dec // sp_dec
-            moe = MoeConfig(num_experts=hf["num_experts"], d_model=d, d_ff=hf["d_ff"], top_k=1,
-                            weight_norm="none", expert_capacity=hf["expert_capacity"], sequence_groups=True,
-                            activation=_ACTS[act], router_bias=bool(hf.get("router_bias", False)),
-                            jitter_eps=float(hf.get("router_jitter_noise", 0.0) or 0.0))
+            for key, step in (("encoder_sparse_step", enc_step), ("decoder_sparse_step", dec_step)):
+                if key in hf and hf[key] != step:
+                    raise ValueError(f"switch_transformers config.json has {key}={hf[key]} but the sparse layer "
+                                     f"counts give {step} (transformers recomputes it from num_sparse_*_layers)")
+            moe = MoeConfig(num_experts=hf.get("num_experts", 8), d_model=d, d_ff=hf["d_ff"], top_k=1,
+                            weight_norm="none", expert_capacity=hf.get("expert_capacity", 64),
+                            sequence_groups=True, activation=act, router_bias=bool(hf.get("router_bias", False)),
+                            jitter_eps=float(hf.get("router_jitter_noise", 0.01) or 0.0))
+    # 4.x: tied => lm_head is the embedding and the decoder output is scaled by d_model**-0.5;
+    # 5.x writes tie_word_embeddings=True always and the scaling as scale_decoder_outputs
+    config_tied = bool(hf.get("tie_word_embeddings", True))
+    scale = bool(hf.get("scale_decoder_outputs", config_tied))
+    tied = tied_head(config_tied, weights, "lm_head.weight", "shared.weight")
+    if scale and not tied:
+        raise ValueError(f"{mt} checkpoint has its own lm_head.weight but scales the decoder output by "
+                         "d_model**-0.5 (scale_decoder_outputs / tie_word_embeddings); moejax scales only tied heads")
     cfg = EncDecConfig(
         vocab_size=hf["vocab_size"], d_model=d, num_encoder_layers=n_enc, num_decoder_layers=n_dec,
-        num_heads=hf["num_heads"], head_dim=hf["d_kv"], d_ff=hf["d_ff"], activation=_ACTS[act],
+        num_heads=hf["num_heads"], head_dim=hf["d_kv"], d_ff=hf["d_ff"], activation=act,
         norm_eps=hf.get("layer_norm_epsilon", 1e-6), relpos_buckets=hf.get("relative_attention_num_buckets", 32),
         relpos_max_distance=hf.get("relative_attention_max_distance", 128),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", True)), moe=moe,
+        tie_embeddings=tied, scale_tied_logits=scale, moe=moe,
         encoder_moe_every=enc_step, decoder_moe_every=dec_step, moe_offset=1,
-        pad_id=hf.get("pad_token_id", 0), decoder_start_id=hf.get("decoder_start_token_id", 0),
+        pad_id=hf.get("pad_token_id", 0), decoder_start_id=hf.get("decoder_start_token_id") or 0,
     )
     return cfg.replace(**overrides).validate()
 
 
-def hf_to_state(cfg: EncDecConfig, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Flat ``{moejax path: array}``; ValueError lists missing and unexpected HF weights."""
+def hf_to_state(cfg: EncDecConfig, weights) -> dict[str, Source]:
+    """Flat ``{moejax path: lazy source}`` from ``{HF name: array}``; ValueError lists missing and
+    unexpected HF weights. T5 names the dense FFN ``layer.N.DenseReluDense.{wi | wi_0, wi_1, wo}``,
+    Switch ``layer.N.mlp.{wi, wo}``."""
     r = WeightReader(weights)
     get = r.get
     h, x, d = cfg.num_heads, cfg.head_dim, cfg.d_model
+    # transformers' T5 names its (dense) FFN DenseReluDense, Switch (also its dense layers) mlp
+    t5 = any(".DenseReluDense." in k for k in weights)
+    gated = activation_fn(cfg.activation)[1]
     qkv = lambda w: w.T.reshape(d, h, x)  # noqa: E731
     out_proj = lambda w: w.T.reshape(h, x, d)  # noqa: E731
-    flat: dict[str, np.ndarray] = {"embed/embedding": get("shared.weight")}
+    flat: dict[str, Source] = {"embed/embedding": get("shared.weight")}
     if not cfg.tie_embeddings:
-        w = get("lm_head.weight")
-        flat["lm_head"] = None if w is None else w.T
+        flat["lm_head"] = get("lm_head.weight", lambda w: w.T)
     # tied copies of shared.weight, stored or not
     r.alias("encoder.embed_tokens.weight", "decoder.embed_tokens.weight",
             *(("lm_head.weight",) if cfg.tie_embeddings else ()))
@@ -104,17 +178,16 @@ def hf_to_state(cfg: EncDecConfig, weights: dict[str, np.ndarray]) -> dict[str, 
                     names = [pre + f"{ff}.mlp.experts.expert_{e}.{hf_name}.weight" for e in range(cfg.moe.num_experts)]
                     r.push(base + key, r.get_stacked(names, lambda w: w.T))
             else:
-                m["ffn/wi"] = (pre + f"{ff}.mlp.wi.weight", lambda w: w.T)
-                m["ffn/wo"] = (pre + f"{ff}.mlp.wo.weight", lambda w: w.T)
+                dense = f"{ff}.DenseReluDense." if t5 else f"{ff}.mlp."
+                ins = ("wi_0", "wi_1") if gated else ("wi",)
+                for name in ins + ("wo",):
+                    m[f"ffn/{name}"] = (pre + dense + name + ".weight", lambda w: w.T)
             for path, (name, fn) in m.items():
-                w = get(name)
-                r.push(base + path, None if w is None else fn(w))
+                r.push(base + path, get(name, fn))
     return r.finish(flat)
 
 
-def from_hf(path: str, *, rngs: nnx.Rngs | None = None, **overrides) -> tuple[EncoderDecoder, EncDecConfig]:
-    """Build an :class:`EncoderDecoder` from a HF Switch Transformers ``save_pretrained`` directory."""
-    cfg = config_from_hf(read_hf_config(path), **overrides)
-    _, weights = load_hf_dir(path)
-    model = EncoderDecoder(cfg, rngs=rngs or nnx.Rngs(0))
-    return load_into(model, hf_to_state(cfg, weights)), cfg
+def from_hf(path: str, **kw) -> tuple[EncoderDecoder, EncDecConfig]:
+    """Build an :class:`EncoderDecoder` from a HF Switch Transformers or T5 ``save_pretrained``
+    directory, streaming (see :func:`moejax.convert.load.build_from_hf` for ``mesh``, ``dtype``, ...)."""
+    return build_from_hf(path, config_from_hf, hf_to_state, **kw)

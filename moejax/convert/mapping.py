@@ -1,42 +1,114 @@
-"""Bookkeeping shared by the Hugging Face readers: track used / missing weights, stack layers."""
+"""Bookkeeping shared by the Hugging Face readers: lazy weight sources, used / missing weights,
+stacking layers and experts, and filling a model (whole, or straight into its shardings).
+
+A reader maps every moejax parameter path to a :class:`Source`: a :class:`Leaf` (one HF tensor and
+the transform to moejax's layout, e.g. ``w.T.reshape(d, h, x)``) or a :class:`Stack` of sources on
+a new leading axis (layers, experts). Nothing is read until a source is read, and a source reads
+only the children a requested slice needs, so a device shard of ``[layers, E, d, f]`` expert
+weights touches only its experts' tensors (memory-mapped; see ``safetensors_io``).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
+
+import jax
 import numpy as np
 from flax import nnx
 
+from moejax.sharding import DEFAULT_RULES, Rules, state_shardings
+from moejax.tree import path_key
+
+
+def _identity(w):
+    return w
+
+
+class Source:
+    """A lazily read array: ``shape``, ``dtype`` and ``read(index, dtype)``."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    def read(self, index: tuple = (), dtype=None) -> np.ndarray:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class Leaf(Source):
+    """HF tensor ``array`` (a memmap or an ndarray) seen through ``fn`` (HF layout -> moejax's)."""
+
+    def __init__(self, array, fn: Callable = _identity):
+        self.array, self.fn = array, fn
+        out = jax.eval_shape(fn, jax.ShapeDtypeStruct(np.shape(array), np.asarray(array).dtype))
+        self.shape, self.dtype = tuple(out.shape), np.dtype(out.dtype)
+
+    def read(self, index: tuple = (), dtype=None) -> np.ndarray:
+        full = np.asarray(self.fn(np.asarray(self.array)))
+        return np.array(full[tuple(index)], dtype=dtype or self.dtype, copy=True)
+
+
+class Stack(Source):
+    """``children`` (equal shapes) stacked on a new leading axis, read child by child."""
+
+    def __init__(self, children: Sequence[Source]):
+        self.children = list(children)
+        shapes = {c.shape for c in self.children}
+        if len(shapes) != 1:
+            raise ValueError(f"cannot stack tensors of different shapes {sorted(shapes)}")
+        self.shape = (len(self.children),) + self.children[0].shape
+        self.dtype = np.result_type(*[c.dtype for c in self.children])
+
+    def read(self, index: tuple = (), dtype=None) -> np.ndarray:
+        index = tuple(index)
+        first, rest = (index[0], index[1:]) if index else (slice(None), ())
+        picked = self.children[first] if isinstance(first, slice) else [self.children[first]]
+        out = None
+        for j, child in enumerate(picked):
+            part = child.read(rest, dtype or self.dtype)
+            if out is None:
+                out = np.empty((len(picked),) + part.shape, part.dtype)
+            out[j] = part
+        if out is None:
+            out = np.empty((0,) + self.shape[1:], dtype or self.dtype)
+        return out if isinstance(first, slice) else out[0]
+
 
 class WeightReader:
-    """Hands out HF weights by name and remembers which were used or missing.
+    """Hands out HF weights by name (as lazy :class:`Leaf` sources) and remembers which were used
+    or missing.
 
     ``check()`` raises a ValueError listing the missing and the unexpected (never read) weights,
     so a checkpoint of another model or size never loads silently.
     """
 
-    def __init__(self, weights: dict[str, np.ndarray]):
+    def __init__(self, weights: Mapping[str, np.ndarray]):
         self.weights = weights
         self.used: set[str] = set()
         self.missing: list[str] = []
         self.stacks: dict[str, list] = {}
 
-    def get(self, name: str):
+    def has(self, name: str) -> bool:
+        return name in self.weights
+
+    def get(self, name: str, fn: Callable = _identity) -> Leaf | None:
+        """Weight ``name`` seen through ``fn`` (None, and recorded as missing, if absent)."""
         if name not in self.weights:
             self.missing.append(name)
             return None
         self.used.add(name)
-        return np.asarray(self.weights[name])
+        return Leaf(self.weights[name], fn)
 
     def alias(self, *names: str) -> None:
         """Names that may be present (tied copies) and are fine to skip."""
         self.used.update(names)
 
-    def get_stacked(self, names: list[str], fn=lambda w: w):
-        """``np.stack([fn(w) for w in names])`` (None if any is missing): stacked experts."""
-        ws = [self.get(n) for n in names]
-        return None if any(w is None for w in ws) else np.stack([fn(w) for w in ws])
+    def get_stacked(self, names: list[str], fn: Callable = _identity) -> Stack | None:
+        """``names`` through ``fn`` stacked on a new leading axis (None if any is missing): experts."""
+        ws = [self.get(n, fn) for n in names]
+        return None if any(w is None for w in ws) else Stack(ws)
 
-    def push(self, path: str, value) -> None:
-        """Append one layer's array to the list stacked under ``path`` by :meth:`finish`."""
+    def push(self, path: str, value: Source | None) -> None:
+        """Append one layer's source to the list stacked under ``path`` by :meth:`finish`."""
         self.stacks.setdefault(path, []).append(value)
 
     def check(self) -> None:
@@ -50,27 +122,66 @@ class WeightReader:
                 + (f"missing {len(self.missing)} weights: {show(self.missing)}; " if self.missing else "")
                 + (f"unexpected {len(unused)} weights: {show(unused)}" if unused else ""))
 
-    def finish(self, flat: dict) -> dict:
+    def finish(self, flat: dict) -> dict[str, Source]:
         """Check, then add the per-layer lists stacked on a leading layer axis to ``flat``."""
         self.check()
-        for path, arrs in self.stacks.items():
-            flat[path] = np.stack(arrs)
+        for path, srcs in self.stacks.items():
+            flat[path] = Stack(srcs)
         return flat
 
 
-def load_into(model: nnx.Module, flat: dict[str, np.ndarray]) -> nnx.Module:
-    """Copy ``flat`` arrays into ``model``'s params (shapes must match exactly)."""
-    state = nnx.state(model, nnx.Param)
-    flat_state = dict(nnx.to_flat_state(state))
-    paths = {"/".join(map(str, p)): p for p in flat_state}
-    extra = sorted(set(flat) - set(paths))
-    absent = sorted(set(paths) - set(flat))
+def tied_head(config_tied: bool, weights: Mapping | None, head: str, embedding: str) -> bool:
+    """Whether the output projection is the embedding, as transformers 5 decides: the config says
+    tied and the checkpoint holds no ``head`` that differs from ``embedding`` (T5 configs written
+    by transformers 5 always say tied; a differing stored head is then used, untied)."""
+    if not config_tied or weights is None or head not in weights or embedding not in weights:
+        return config_tied
+    return bool(np.array_equal(np.asarray(weights[head]), np.asarray(weights[embedding])))
+
+
+def _param_path(path) -> str:
+    """A params-tree key path as a moejax parameter path (``stack/blocks/0/ffn/experts/wi``)."""
+    keys = path_key(path)
+    return "/".join(keys[:-1] if keys and keys[-1] == "value" else keys)
+
+
+def _match(shapes: dict[str, tuple], flat: Mapping[str, Source]) -> None:
+    extra, absent = sorted(set(flat) - set(shapes)), sorted(set(shapes) - set(flat))
     if extra or absent:
         raise ValueError(f"parameter mismatch: not in model {extra}; not in checkpoint {absent}")
-    for name, arr in flat.items():
-        var = flat_state[paths[name]]
-        if tuple(var[...].shape) != tuple(arr.shape):
-            raise ValueError(f"{name}: checkpoint shape {tuple(arr.shape)} != model shape {tuple(var[...].shape)}")
-        var[...] = arr.astype(var[...].dtype)
-    nnx.update(model, state)
+    for name, src in flat.items():
+        if tuple(src.shape) != tuple(shapes[name]):
+            raise ValueError(f"{name}: checkpoint shape {tuple(src.shape)} != model shape {tuple(shapes[name])}")
+
+
+def load_into(model: nnx.Module, flat: Mapping[str, Source]) -> nnx.Module:
+    """Read every source of ``flat`` into ``model``'s params (shapes must match exactly; each
+    parameter keeps its dtype)."""
+    params = nnx.state(model, nnx.Param)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    _match({_param_path(p): np.shape(v) for p, v in leaves}, flat)
+    values = [flat[_param_path(p)].read((), np.dtype(v.dtype)) for p, v in leaves]
+    nnx.update(model, jax.tree_util.tree_unflatten(treedef, values))
     return model
+
+
+def sharded_params(abstract_params: nnx.State, flat: Mapping[str, Source], mesh: jax.sharding.Mesh | None,
+                   rules: Rules = DEFAULT_RULES) -> nnx.State:
+    """The params of an abstract model (``nnx.split(nnx.eval_shape(...), nnx.Param, ...)``) filled
+    from ``flat``, each parameter built straight in its sharding under ``rules`` (on the default
+    device without ``mesh``) by ``jax.make_array_from_callback``: each device's shard is read from
+    the sources on its own, one parameter after the other, so the host holds one parameter's
+    shards at a time, never the model. Each parameter keeps the abstract model's dtype."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract_params)
+    _match({_param_path(p): tuple(v.shape) for p, v in leaves}, flat)
+    if mesh is not None:
+        shardings = jax.tree.leaves(state_shardings(abstract_params, mesh, rules),
+                                    is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+    else:
+        shardings = [jax.sharding.SingleDeviceSharding(jax.devices()[0])] * len(leaves)
+    arrays = []
+    for (path, aval), sharding in zip(leaves, shardings, strict=True):
+        src, dt = flat[_param_path(path)], np.dtype(aval.dtype)
+        arrays.append(jax.make_array_from_callback(tuple(aval.shape), sharding,
+                                                   lambda idx, src=src, dt=dt: src.read(idx, dt)))
+    return jax.tree_util.tree_unflatten(treedef, arrays)
