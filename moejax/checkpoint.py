@@ -115,10 +115,16 @@ class Checkpointer:
     :class:`moejax.training.state.TrainState` (items ``params``, ``opt_state``, ``step``) or params
     alone (items ``params``, ``step``), keeping the newest ``keep``."""
 
-    def __init__(self, path: str, keep: int | None = 3):
+    def __init__(self, path: str, keep: int | None = 3, *, low_memory: bool = False):
+        """``low_memory``: write synchronously, at most 1 GB of arrays in flight (orbax's default is
+        asynchronous with up to 96 GB copied to the host at once): for one-off writes of a whole
+        model (``save``), where the host should hold little beyond the model itself."""
         self.directory = os.path.join(os.path.abspath(path), "checkpoints")
-        self.manager = ocp.CheckpointManager(
-            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                               enable_async_checkpointing=not low_memory)
+        handlers = {"params": ocp.StandardCheckpointHandler(save_concurrent_gb=1),
+                    "step": ocp.StandardCheckpointHandler()} if low_memory else None
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -178,7 +184,7 @@ def save(model: nnx.Module, path: str) -> None:
     if os.path.exists(os.path.join(path, CONFIG_FILE)) or os.path.exists(os.path.join(path, "checkpoints")):
         raise ValueError(f"checkpoint {path!r} already exists; choose a new directory")
     write_config(path, model.cfg)
-    ckpt = Checkpointer(path, keep=None)
+    ckpt = Checkpointer(path, keep=None, low_memory=True)
     try:
         ckpt.save_params(nnx.state(model, nnx.Param), step=0)
     finally:

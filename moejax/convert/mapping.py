@@ -35,15 +35,17 @@ class Source:
 
 
 class Leaf(Source):
-    """HF tensor ``array`` (a memmap or an ndarray) seen through ``fn`` (HF layout -> moejax's)."""
+    """One HF tensor seen through ``fn`` (HF layout -> moejax's). ``load()`` returns the tensor (a
+    fresh memmap per call, so the pages read leave the process once the read is done);
+    ``shape`` / ``dtype`` of the stored tensor give the transformed shape without reading."""
 
-    def __init__(self, array, fn: Callable = _identity):
-        self.array, self.fn = array, fn
-        out = jax.eval_shape(fn, jax.ShapeDtypeStruct(np.shape(array), np.asarray(array).dtype))
+    def __init__(self, load: Callable[[], np.ndarray], fn: Callable, shape: tuple[int, ...], dtype):
+        self.load, self.fn = load, fn
+        out = jax.eval_shape(fn, jax.ShapeDtypeStruct(tuple(shape), np.dtype(dtype)))
         self.shape, self.dtype = tuple(out.shape), np.dtype(out.dtype)
 
     def read(self, index: tuple = (), dtype=None) -> np.ndarray:
-        full = np.asarray(self.fn(np.asarray(self.array)))
+        full = np.asarray(self.fn(np.asarray(self.load())))
         return np.array(full[tuple(index)], dtype=dtype or self.dtype, copy=True)
 
 
@@ -96,7 +98,10 @@ class WeightReader:
             self.missing.append(name)
             return None
         self.used.add(name)
-        return Leaf(self.weights[name], fn)
+        w = self.weights
+        shape, dtype = (w.shape(name), w.dtype(name)) if hasattr(w, "shape") else \
+            (np.shape(w[name]), np.asarray(w[name]).dtype)
+        return Leaf(lambda: w[name], fn, shape, dtype)
 
     def alias(self, *names: str) -> None:
         """Names that may be present (tied copies) and are fine to skip."""
@@ -160,7 +165,7 @@ def load_into(model: nnx.Module, flat: Mapping[str, Source]) -> nnx.Module:
     params = nnx.state(model, nnx.Param)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
     _match({_param_path(p): np.shape(v) for p, v in leaves}, flat)
-    values = [flat[_param_path(p)].read((), np.dtype(v.dtype)) for p, v in leaves]
+    values = [jax.numpy.asarray(flat[_param_path(p)].read((), np.dtype(v.dtype))) for p, v in leaves]
     nnx.update(model, jax.tree_util.tree_unflatten(treedef, values))
     return model
 
@@ -181,7 +186,23 @@ def sharded_params(abstract_params: nnx.State, flat: Mapping[str, Source], mesh:
         shardings = [jax.sharding.SingleDeviceSharding(jax.devices()[0])] * len(leaves)
     arrays = []
     for (path, aval), sharding in zip(leaves, shardings, strict=True):
-        src, dt = flat[_param_path(path)], np.dtype(aval.dtype)
-        arrays.append(jax.make_array_from_callback(tuple(aval.shape), sharding,
-                                                   lambda idx, src=src, dt=dt: src.read(idx, dt)))
+        src, dt, shape = flat[_param_path(path)], np.dtype(aval.dtype), tuple(aval.shape)
+        arrays.append(_fill(shape, sharding, lambda idx, src=src, dt=dt: src.read(idx, dt)))
     return jax.tree_util.tree_unflatten(treedef, arrays)
+
+
+def _fill(shape: tuple[int, ...], sharding, read) -> jax.Array:
+    """``jax.make_array_from_callback`` placing each shard on its device as soon as it is read
+    (and reading a replicated shard once), so the host holds one shard at a time."""
+    by_index: dict[tuple, list] = {}
+    for device, idx in sharding.addressable_devices_indices_map(shape).items():
+        key = tuple((s.start, s.stop, s.step) if isinstance(s, slice) else s for s in idx)
+        by_index.setdefault(key, [idx, []])[1].append(device)
+    placed = {}
+    for idx, devices in by_index.values():
+        host = read(idx)
+        for device in devices:
+            placed[device] = jax.device_put(host, device)
+        del host
+    order = [placed[d] for d in sharding.addressable_devices_indices_map(shape)]
+    return jax.make_array_from_single_device_arrays(shape, sharding, order)

@@ -82,11 +82,13 @@ def shard_files(path: str) -> list[str]:
 class LazyWeights(Mapping):
     """``{HF weight name: read-only numpy.memmap}`` over the safetensors files of a directory.
 
+    Each lookup maps just that tensor's bytes (a new ``np.memmap``): nothing is read until the
+    array is, and once the caller drops it the pages leave the process (the page cache keeps them),
+    so reading a checkpoint tensor by tensor never makes it resident as a whole.
     ``shape(name)`` / ``dtype(name)`` come from the headers without touching the data."""
 
     def __init__(self, path: str):
         self._where: dict[str, tuple[str, dict, int]] = {}
-        self._maps: dict[str, np.memmap] = {}
         for name in shard_files(path):
             file = os.path.join(path, name)
             header, start = read_header(file)
@@ -97,11 +99,12 @@ class LazyWeights(Mapping):
 
     def __getitem__(self, name: str) -> np.ndarray:
         file, h, start = self._where[name]
-        if file not in self._maps:
-            self._maps[file] = np.memmap(file, dtype=np.uint8, mode="r")
-        begin, end = h["data_offsets"]
-        dt = _DTYPES[h["dtype"]]
-        return self._maps[file][start + begin:start + end].view(dt).reshape(h["shape"])
+        shape = tuple(h["shape"])
+        if 0 in shape:
+            return np.zeros(shape, _DTYPES[h["dtype"]])
+        m = np.memmap(file, dtype=_DTYPES[h["dtype"]], mode="r", offset=start + h["data_offsets"][0],
+                      shape=shape or (1,))
+        return m if shape else m.reshape(())
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)
@@ -187,7 +190,7 @@ class ShardedWriter:
         want, shard = self._order[self._next]
         if name != want:
             raise ValueError(f"ShardedWriter expected tensor {want!r} next, got {name!r}")
-        array = np.ascontiguousarray(array)
+        array = np.asarray(array, order="C")
         shape, dt = self._expect[name]
         if tuple(array.shape) != shape or array.dtype != dt:
             raise ValueError(f"{name}: got {array.dtype}{list(array.shape)}, planned {dt}{list(shape)}")

@@ -149,3 +149,18 @@ def test_truncated_file_is_refused(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(raw[:4])
     with pytest.raises(ValueError, match="is not a safetensors file"):
         from_hf(str(tmp_path))
+
+
+def test_writer_round_trips_scalars_empty_and_int_tensors_through_safetensors(tmp_path):
+    from safetensors.numpy import load_file
+
+    plan = [("s", (), np.dtype(np.float32)), ("e", (0, 3), np.dtype(np.float16)), ("v", (3,), np.dtype(np.int64))]
+    w = ShardedWriter(str(tmp_path), plan)
+    w.write("s", np.float32(2.5))
+    w.write("e", np.zeros((0, 3), np.float16))
+    w.write("v", np.arange(3))
+    w.close()
+    ref, lazy = load_file(str(tmp_path / "model.safetensors")), LazyWeights(str(tmp_path))
+    for name in ("s", "e", "v"):
+        assert lazy.shape(name) == ref[name].shape and lazy.dtype(name) == ref[name].dtype
+        np.testing.assert_array_equal(np.asarray(lazy[name]), ref[name])
