@@ -1,9 +1,10 @@
-"""Hugging Face Switch Transformers <-> moejax EncoderDecoder weights (safetensors, no pickle).
+"""Hugging Face Switch Transformers and T5 (v1.0 dense, v1.1 gated) -> moejax EncoderDecoder weights.
 
 HF names (transformers 4.x): ``shared.weight``; ``{encoder,decoder}.block.{i}.layer.0.SelfAttention.
 {q,k,v,o}.weight``; ``encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight [32, h]``;
 ``layer.{0,1,2}.layer_norm.weight``; decoder cross-attention ``layer.1.EncDecAttention.*``; FFN
-``layer.{1|2}.mlp.{wi,wo}.weight`` (dense) or ``mlp.router.classifier.weight [E, d]`` and
+``layer.{1|2}.mlp.{wi,wo}.weight`` (Switch's dense layers; T5's are ``layer.{1|2}.DenseReluDense.
+{wi | wi_0, wi_1, wo}.weight``) or ``mlp.router.classifier.weight [E, d]`` and
 ``mlp.experts.expert_{j}.{wi,wo}.weight`` (sparse); ``{encoder,decoder}.final_layer_norm.weight``;
 ``lm_head.weight``. HF routes each sequence as its own group with a fixed ``expert_capacity``.
 """
