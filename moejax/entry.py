@@ -72,10 +72,11 @@ def model_config(name: str = gin.REQUIRED, overrides: dict | None = None, vocab_
 @gin.configurable(module="moejax")
 def run(mode: str, model_dir: str = gin.REQUIRED, model=gin.REQUIRED, train_config: TrainConfig = gin.REQUIRED,
         optimizer=None, checkpoint: str | None = None, compute_dtype: str | None = None,
-        expert_dropout: float | None = None):
+        expert_dropout: float | None = None, remat: str | None = None):
     """``mode``: ``train`` / ``eval`` / ``infer``. ``model`` is a config (``@moejax.model_config()``);
     ``compute_dtype='bfloat16'`` computes in bf16 with float32 params; ``expert_dropout`` sets the
-    MoE layers' dropout on the expert hidden layer (finetuning)."""
+    MoE layers' dropout on the expert hidden layer (finetuning); ``remat`` the scanned blocks'
+    rematerialisation policy (:mod:`moejax.models.remat`)."""
     if not model_dir:
         raise ValueError("MODEL_DIR is empty; pass --gin.MODEL_DIR=\"'/path/to/run'\"")
     overrides = {}
@@ -84,6 +85,8 @@ def run(mode: str, model_dir: str = gin.REQUIRED, model=gin.REQUIRED, train_conf
 
         dt = jnp.dtype(compute_dtype)
         overrides.update({"dtype": dt, **({"moe.dtype": dt} if model.moe is not None else {})})
+    if remat is not None:
+        overrides["remat"] = remat
     if expert_dropout is not None and model.moe is not None:
         overrides["moe.expert_dropout"] = float(expert_dropout)
     model = override(model, overrides).validate()

@@ -22,14 +22,19 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 MeshAxes = str | tuple[str, ...] | None
 Rules = tuple[tuple[str, MeshAxes], ...]
 
-#: The default logical -> mesh axis table (see DESIGN.md). ``batch`` is split over both the data
-#: and expert axes for activations; after the MoE all-to-all the groups live on ``data`` only
-#: (``expert_group``) and the expert axis of the buffers on ``expert``.
+#: The default logical -> mesh axis table (see DESIGN.md). ``batch`` is split over the data, fsdp
+#: and expert axes for activations; after the MoE all-to-all the groups live on ``data`` and
+#: ``fsdp`` (``expert_group``) and the expert axis of the buffers on ``expert``. ``embed`` goes to
+#: ``fsdp``: with an ``fsdp`` mesh axis every parameter with a d_model dimension, and its optimizer
+#: state, is sharded over it as well (ZeRO-3 / FSDP; XLA gathers each scanned layer's slice where it
+#: is used), expert weights keeping the ``expert`` axis. Activations never shard ``embed``: their
+#: ``batch`` dimension comes first and takes ``fsdp`` (a mesh axis is used once per array). Without
+#: an ``fsdp`` axis (or at size 1) the rules are exactly data x expert x model parallelism.
 DEFAULT_RULES: Rules = (
-    ("batch", ("data", "expert")),
-    ("expert_group", "data"),
+    ("batch", ("data", "fsdp", "expert")),
+    ("expert_group", ("data", "fsdp")),
     ("length", None),
-    ("embed", None),
+    ("embed", "fsdp"),
     ("mlp", "model"),
     ("heads", "model"),
     ("kv", None),
@@ -42,7 +47,7 @@ DEFAULT_RULES: Rules = (
 )
 
 #: Standard mesh axis names, outermost first.
-MESH_AXES = ("data", "expert", "model")
+MESH_AXES = ("data", "fsdp", "expert", "model")
 
 
 def _rules_dict(rules: Rules) -> dict[str, MeshAxes]:

@@ -8,6 +8,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from moejax.models.remat import check_remat
 from moejax.moe import MoeConfig
 
 
@@ -39,6 +40,7 @@ class DecoderConfig:
     moe: MoeConfig | None = None
     moe_every: int = 1
     moe_extra_mlp: bool = False
+    remat: str = "none"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -64,6 +66,7 @@ class DecoderConfig:
             raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
         if self.num_layers % self.period:
             raise ValueError(f"num_layers={self.num_layers} is not a multiple of moe_every={self.moe_every}")
+        check_remat(self.remat)
         if self.moe is not None:
             self.moe.validate()
             if self.moe.d_model != self.d_model:
@@ -109,6 +112,7 @@ class EncDecConfig:
     scale_tied_logits: bool = True
     pad_id: int = 0
     decoder_start_id: int = 0
+    remat: str = "none"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -138,6 +142,7 @@ class EncDecConfig:
             raise ValueError(f"unknown norm {self.norm!r}; valid: rms, layer")
         if self.positions not in ("relative", "sinusoidal"):
             raise ValueError(f"unknown positions {self.positions!r}; valid: relative, sinusoidal")
+        check_remat(self.remat)
         if self.moe is not None:
             self.moe.validate()
             if self.moe.d_model != self.d_model:

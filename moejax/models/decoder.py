@@ -99,7 +99,7 @@ class Decoder(nnx.Module):
             start = 0 if caches is None else caches[0].index[0]
             positions = jnp.broadcast_to(start + jnp.arange(s, dtype=jnp.int32), (b, s))
         x = self.embed(ids, cfg.dtype)
-        x, stats, caches = scan_periods(self.stack, x, caches, deterministic, positions=positions,
+        x, stats, caches = scan_periods(self.stack, x, caches, deterministic, cfg.remat, positions=positions,
                                         padding_mask=padding_mask, task_ids=task_ids)
         x = self.norm(x)
         if self.lm_head is None:

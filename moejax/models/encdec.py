@@ -113,6 +113,7 @@ class Stack(nnx.Module):
             layers // cfg.period(decoder), rngs, "layers")
         self.final_norm = make_norm(cfg)
         self.decoder = decoder
+        self.remat = cfg.remat
 
     def __call__(self, x, *, mask, padding_mask, enc=None, enc_mask=None, deterministic=True, caches=None,
                  task_ids=None):
@@ -128,7 +129,7 @@ class Stack(nnx.Module):
             k_pos = jnp.arange(caches[0].k.shape[2])
             mask = (k_pos[None, :] <= q_pos[:, None])[None, None]
         bias = None if self.relpos is None else self.relpos(q_pos, k_pos)
-        x, stats, caches = scan_periods(self.stack, x, caches, deterministic, bias=bias, mask=mask, enc=enc,
+        x, stats, caches = scan_periods(self.stack, x, caches, deterministic, self.remat, bias=bias, mask=mask, enc=enc,
                                         enc_mask=enc_mask, padding_mask=padding_mask, task_ids=task_ids)
         return self.final_norm(x), stats, caches
 

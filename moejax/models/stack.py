@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from moejax.models.layers import KVCache
+from moejax.models.remat import rematerialise
 from moejax.moe import MoeStats
 
 
@@ -34,11 +35,12 @@ class Period(nnx.Module):
         return x, stats, (None if caches is None else tuple(new))
 
 
-def scan_periods(stack: nnx.Module, x: jax.Array, caches, deterministic: bool, **kw):
+def scan_periods(stack: nnx.Module, x: jax.Array, caches, deterministic: bool, remat: str = "none", **kw):
     """Apply stacked periods with ``jax.lax.scan``: ``(x, stacked stats, new caches)``.
 
     ``caches`` (or None) are scanned alongside the params; the periods' advanced RNG state is
-    written back in training.
+    written back in training. ``remat``: the rematerialisation policy of each period
+    (:mod:`moejax.models.remat`; not applied when decoding with caches).
     """
     graphdef, state = nnx.split(stack)
 
@@ -48,6 +50,8 @@ def scan_periods(stack: nnx.Module, x: jax.Array, caches, deterministic: bool, *
         x, stats, cache_l = period(x, caches=cache_l, deterministic=deterministic, **kw)
         return x, (stats, cache_l, nnx.state(period, nnx.RngState))
 
+    if caches is None:
+        body = rematerialise(body, remat)
     x, (stats, caches, new_rng) = jax.lax.scan(body, x, (state, caches))
     if not deterministic:
         nnx.update(stack, new_rng)
