@@ -8,6 +8,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from moejax.models.attend import check_impl
 from moejax.models.remat import check_remat
 from moejax.moe import MoeConfig
 
@@ -21,7 +22,9 @@ class DecoderConfig:
     after each MoE FFN. ``attn_scale`` multiplies the attention scores (None: ``head_dim**-0.5``;
     OpenMoE, trained in T5X with the scale folded into the query init, uses 1.0). Layers are stacked
     in periods of ``moe_every`` blocks and scanned, so compile time does not grow with depth;
-    ``num_layers`` must be a multiple of ``moe_every``.
+    ``num_layers`` must be a multiple of ``moe_every``. ``remat``: the scanned periods'
+    rematerialisation policy (:mod:`moejax.models.remat`); ``attention_impl`` / ``attention_chunk``:
+    the attention kernel (:mod:`moejax.models.attend`).
     """
 
     vocab_size: int = 256
@@ -41,6 +44,8 @@ class DecoderConfig:
     moe_every: int = 1
     moe_extra_mlp: bool = False
     remat: str = "none"
+    attention_impl: str = "xla"
+    attention_chunk: int = 512
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -67,6 +72,7 @@ class DecoderConfig:
         if self.num_layers % self.period:
             raise ValueError(f"num_layers={self.num_layers} is not a multiple of moe_every={self.moe_every}")
         check_remat(self.remat)
+        check_impl(self.attention_impl, self.attention_chunk)
         if self.moe is not None:
             self.moe.validate()
             if self.moe.d_model != self.d_model:
@@ -84,7 +90,8 @@ class EncDecConfig:
 
     ``pad_id`` (padding; fairseq / NLLB position ids are offset by it) and ``decoder_start_id`` (the
     first decoder input when generating: T5 / Switch 0, NLLB the eos id 2) come from the model's
-    vocabulary; the end of a generated sequence is the task vocabulary's ``eos_id``."""
+    vocabulary; the end of a generated sequence is the task vocabulary's ``eos_id``. ``remat``,
+    ``attention_impl``, ``attention_chunk``: as in :class:`DecoderConfig`."""
 
     vocab_size: int = 256
     d_model: int = 64
@@ -113,6 +120,8 @@ class EncDecConfig:
     pad_id: int = 0
     decoder_start_id: int = 0
     remat: str = "none"
+    attention_impl: str = "xla"
+    attention_chunk: int = 512
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -143,6 +152,7 @@ class EncDecConfig:
         if self.positions not in ("relative", "sinusoidal"):
             raise ValueError(f"unknown positions {self.positions!r}; valid: relative, sinusoidal")
         check_remat(self.remat)
+        check_impl(self.attention_impl, self.attention_chunk)
         if self.moe is not None:
             self.moe.validate()
             if self.moe.d_model != self.d_model:

@@ -24,8 +24,8 @@ class DecoderBlock(nnx.Module):
     def __init__(self, cfg: DecoderConfig, sparse: bool, *, rngs: nnx.Rngs):
         self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
         self.attn = Attention(cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, rope_theta=cfg.rope_theta,
-                              sliding_window=cfg.sliding_window, scale=cfg.attn_scale, dtype=cfg.dtype,
-                              param_dtype=cfg.param_dtype, rngs=rngs)
+                              sliding_window=cfg.sliding_window, scale=cfg.attn_scale, impl=cfg.attention_impl,
+                              chunk=cfg.attention_chunk, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
         self.ffn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
         self.sparse = sparse
         self.ffn = MoeLayer(cfg.moe, rngs=rngs) if sparse else DenseFFN(

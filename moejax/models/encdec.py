@@ -71,7 +71,7 @@ class EncDecBlock(nnx.Module):
         kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
         # T5 folds the attention scale into its init (unscaled, bias-free); NLLB scales and has biases
         akw = dict(use_bias=cfg.attn_bias, rope_theta=None, scale=cfg.head_dim**-0.5 if cfg.attn_scaled else 1.0,
-                   init="normal", **kw)
+                   init="normal", impl=cfg.attention_impl, chunk=cfg.attention_chunk, **kw)
         self.self_norm = make_norm(cfg)
         self.self_attn = Attention(cfg.d_model, cfg.num_heads, cfg.num_heads, cfg.head_dim, **akw)
         self.cross_norm = make_norm(cfg) if decoder else None

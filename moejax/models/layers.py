@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from moejax.models.attend import attend, check_impl
+
 
 def param(rngs, init, shape, dtype, axes):
     """An ``nnx.Param`` of ``init(rngs.params(), shape, dtype)`` with ``logical_axes`` metadata."""
@@ -99,12 +101,15 @@ class Attention(nnx.Module):
     ``o [h, x, d]`` (logical ``('embed', 'heads', 'kv')`` / ``('heads', 'kv', 'embed')``), optional
     biases; kernels drawn from a fan-in variance-scaling ``init`` distribution (``truncated_normal``,
     or ``normal`` as T5 / fairseq). Scores are ``q.k * scale`` (default ``x^-0.5``; T5 and T5X-trained
-    OpenMoE use 1.0) plus ``bias``, soft-maxed in float32.
+    OpenMoE use 1.0) plus ``bias``, soft-maxed in float32, by the kernel ``impl`` (``xla``,
+    ``chunked`` in query blocks of ``chunk``, ``dot_product``, ``auto``: :mod:`moejax.models.attend`).
     """
 
     def __init__(self, d: int, num_heads: int, num_kv_heads: int, head_dim: int, *, use_bias: bool = False,
                  rope_theta: float | None = 10000.0, sliding_window: int | None = None, scale: float | None = None,
-                 init: str = "truncated_normal", dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 init: str = "truncated_normal", impl: str = "xla", chunk: int = 512, dtype=jnp.float32,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+        check_impl(impl, chunk)
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}")
         qinit = nnx.initializers.variance_scaling(1.0, "fan_in", init, in_axis=0, out_axis=(1, 2))
@@ -123,6 +128,7 @@ class Attention(nnx.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.rope_theta, self.sliding_window, self.dtype = rope_theta, sliding_window, dtype
         self.scale = head_dim**-0.5 if scale is None else float(scale)
+        self.impl, self.chunk = impl, chunk
 
     def __call__(self, x: jax.Array, *, positions: jax.Array | None = None, padding_mask: jax.Array | None = None,
                  causal: bool = True, kv: jax.Array | None = None, bias: jax.Array | None = None,
@@ -157,11 +163,6 @@ class Attention(nnx.Module):
                 kpos = jnp.broadcast_to(cache.index + jnp.arange(s, dtype=jnp.int32), (b, s))
             cache = cache.write(k, v, key_valid, kpos)
             k, v, key_valid, kpos = cache.k.astype(dt), cache.v.astype(dt), cache.valid, cache.pos
-        j, groups = self.num_kv_heads, self.num_heads // self.num_kv_heads
-        q = q.reshape(b, s, j, groups, self.head_dim)
-        scores = jnp.einsum("bsjgx,bmjx->bjgsm", q, k).astype(jnp.float32) * self.scale
-        if bias is not None:
-            scores = scores + bias.reshape(bias.shape[0], j, groups, *bias.shape[2:])
         if mask is None:
             mask = key_valid[:, None, :]
             if causal or self.sliding_window is not None:
@@ -170,13 +171,8 @@ class Attention(nnx.Module):
                     mask = mask & (kp <= qp)
                 if self.sliding_window is not None:
                     mask = mask & (qp - kp < self.sliding_window)
-            mask = mask[:, None, None]                                      # [b, 1, 1, s|1, m]
-        else:
-            mask = mask.reshape(mask.shape[0], 1, 1, *mask.shape[2:]) if mask.shape[1] == 1 else \
-                mask.reshape(mask.shape[0], j, groups, *mask.shape[2:])
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out = jnp.einsum("bjgsm,bmjx->bsjgx", probs, v).reshape(b, s, self.num_heads, self.head_dim)
+            mask = mask[:, None]                                            # [b, 1, s|1, m]
+        out = attend(q, k, v, mask=mask, bias=bias, scale=self.scale, dtype=dt, impl=self.impl, chunk=self.chunk)
         y = jnp.einsum("bshx,hxd->bsd", out, self.o[...].astype(dt))
         if self.use_bias:
             y = y + self.o_bias[...].astype(dt)

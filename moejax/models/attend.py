@@ -1,0 +1,105 @@
+"""Attention kernels behind :class:`moejax.models.layers.Attention` (``attention_impl``).
+
+All compute ``softmax(q.k * scale + bias, masked) v`` with the scores in float32 and take the
+same inputs: ``q [b, s, h, x]``, ``k`` / ``v [b, m, j, x]`` (``h`` a multiple of ``j``: grouped
+queries), a boolean ``mask`` broadcastable to ``[b, h, s, m]`` (True = attend) and an optional
+additive ``bias [1|b, h, s, m]`` (T5 relative positions); they return ``[b, s, h, x]``.
+
+* ``xla``: the whole ``[b, h, s, m]`` score matrix at once (fastest for short sequences);
+* ``chunked``: queries in blocks of ``chunk`` (``lax.map`` over blocks, each block under
+  ``jax.checkpoint``), so forward and backward hold ``[b, h, chunk, m]`` scores instead of
+  ``[b, h, s, m]``: exact, any mask / bias / window, any platform;
+* ``dot_product``: ``jax.nn.dot_product_attention`` (cuDNN flash attention on GPU where the shapes
+  allow, XLA otherwise);
+* ``auto``: ``dot_product`` on GPU; elsewhere ``chunked`` when the queries exceed one chunk,
+  else ``xla``. (TPU splash attention is not wired in yet: TPU uses ``chunked``.)
+"""
+
+from __future__ import annotations
+
+import enum
+
+import jax
+import jax.numpy as jnp
+
+
+class AttentionImpl(enum.StrEnum):
+    AUTO = "auto"
+    XLA = "xla"
+    CHUNKED = "chunked"
+    DOT_PRODUCT = "dot_product"
+
+
+def check_impl(name: str, chunk: int) -> None:
+    """ValueError naming a bad ``attention_impl`` or ``attention_chunk``."""
+    if name not in set(AttentionImpl):
+        raise ValueError(f"unknown attention_impl {name!r}; valid: {', '.join(a.value for a in AttentionImpl)}")
+    if chunk < 1:
+        raise ValueError(f"attention_chunk must be >= 1, got {chunk}")
+
+
+def resolve(name: str, s: int, chunk: int) -> str:
+    """The kernel ``auto`` stands for at ``s`` queries on this platform."""
+    if name != AttentionImpl.AUTO:
+        return name
+    if jax.devices()[0].platform == "gpu":
+        return AttentionImpl.DOT_PRODUCT
+    return AttentionImpl.CHUNKED if s > chunk else AttentionImpl.XLA
+
+
+def _xla(q, k, v, mask, bias, scale, dtype):
+    b, s, h, x = q.shape
+    j = k.shape[2]
+    g = h // j
+    qg = q.reshape(b, s, j, g, x)
+    scores = jnp.einsum("bsjgx,bmjx->bjgsm", qg, k).astype(jnp.float32) * scale
+    if bias is not None:
+        scores = scores + bias.astype(jnp.float32).reshape(bias.shape[0], j, g, *bias.shape[2:])
+    m5 = mask.reshape(mask.shape[0], 1, 1, *mask.shape[2:]) if mask.shape[1] == 1 else \
+        mask.reshape(mask.shape[0], j, g, *mask.shape[2:])
+    scores = jnp.where(m5, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    return jnp.einsum("bjgsm,bmjx->bsjgx", probs, v).reshape(b, s, h, x)
+
+
+def _chunked(q, k, v, mask, bias, scale, dtype, chunk):
+    b, s, h, x = q.shape
+    n = -(-s // chunk)
+    pad = n * chunk - s
+
+    def padded(a, axis):
+        if a is None or a.shape[axis] == 1 or not pad:
+            return a
+        widths = [(0, 0)] * a.ndim
+        widths[axis] = (0, pad)
+        return jnp.pad(a, widths)
+
+    qp, maskp, biasp = padded(q, 1), padded(mask, 2), padded(bias, 2)
+
+    def block(i):
+        def piece(a, axis):
+            if a is None or a.shape[axis] == 1:
+                return a
+            return jax.lax.dynamic_slice_in_dim(a, i * chunk, chunk, axis)
+
+        return _xla(piece(qp, 1), k, v, piece(maskp, 2), piece(biasp, 2), scale, dtype)
+
+    out = jax.lax.map(jax.checkpoint(block, prevent_cse=False), jnp.arange(n))     # [n, b, chunk, h, x]
+    return jnp.moveaxis(out, 0, 1).reshape(b, n * chunk, h, x)[:, :s]
+
+
+def _dot_product(q, k, v, mask, bias, scale, dtype):
+    b, s, h, _ = q.shape
+    mask = jnp.broadcast_to(mask, (mask.shape[0], mask.shape[1], s, k.shape[1]))
+    return jax.nn.dot_product_attention(q, k, v, bias=None if bias is None else bias.astype(q.dtype), mask=mask,
+                                        scale=scale).astype(dtype)
+
+
+def attend(q, k, v, *, mask, bias=None, scale: float, dtype, impl: str = "xla", chunk: int = 512):
+    """Attention output ``[b, s, h, x]`` with kernel ``impl`` (see the module docstring)."""
+    impl = resolve(impl, q.shape[1], chunk)
+    if impl == AttentionImpl.XLA or (impl == AttentionImpl.CHUNKED and q.shape[1] <= chunk):
+        return _xla(q, k, v, mask, bias, scale, dtype)
+    if impl == AttentionImpl.CHUNKED:
+        return _chunked(q, k, v, mask, bias, scale, dtype, chunk)
+    return _dot_product(q, k, v, mask, bias, scale, dtype)
