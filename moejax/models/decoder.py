@@ -83,10 +83,14 @@ class Decoder(nnx.Module):
         return logits, aux
 
     def init_cache(self, batch: int, max_length: int) -> tuple:
-        """Empty KV caches, one per block of a period, each stacked on a leading ``[l]`` axis."""
+        """Empty KV caches, one per block of a period, each stacked on a leading ``[l]`` axis. With
+        a sliding window shorter than ``max_length`` they are ring buffers of ``sliding_window``
+        slots (the cache holds the window, not the sequence)."""
         cfg = self.cfg
-        return empty_caches(cfg.num_layers // cfg.period, cfg.period, batch, max_length, cfg.num_kv_heads,
-                            cfg.head_dim, cfg.dtype)
+        w = cfg.sliding_window
+        ring = w is not None and w < max_length
+        return empty_caches(cfg.num_layers // cfg.period, cfg.period, batch, w if ring else max_length,
+                            cfg.num_kv_heads, cfg.head_dim, cfg.dtype, ring=ring)
 
     def apply_with_cache(self, ids, caches, *, positions=None, padding_mask=None, deterministic=True, task_ids=None):
         """Like ``__call__`` but reads / extends ``caches`` (from :meth:`init_cache`); returns

@@ -161,8 +161,15 @@ class Attention(nnx.Module):
         if cache is not None:
             if kpos is None:
                 kpos = jnp.broadcast_to(cache.index + jnp.arange(s, dtype=jnp.int32), (b, s))
-            cache = cache.write(k, v, key_valid, kpos)
-            k, v, key_valid, kpos = cache.k.astype(dt), cache.v.astype(dt), cache.valid, cache.pos
+            new = cache.write(k, v, key_valid, kpos)
+            if cache.ring:       # attend over the window held before this write plus the new entries
+                k = jnp.concatenate([cache.k.astype(dt), k], axis=1)
+                v = jnp.concatenate([cache.v.astype(dt), v], axis=1)
+                key_valid = jnp.concatenate([cache.valid, key_valid], axis=1)
+                kpos = jnp.concatenate([cache.pos, kpos.astype(jnp.int32)], axis=1)
+            else:
+                k, v, key_valid, kpos = new.k.astype(dt), new.v.astype(dt), new.valid, new.pos
+            cache = new
         if mask is None:
             mask = key_valid[:, None, :]
             if causal or self.sliding_window is not None:
@@ -184,7 +191,10 @@ class KVCache:
     """Static-shape key/value cache of one attention layer.
 
     ``k``, ``v [b, m, j, x]``; ``valid [b, m]`` (slot holds a real token); ``pos [b, m]`` (its
-    position); ``index`` int32 scalar: the next slot to write.
+    position); ``index`` int32 scalar: how many entries were written (the next slot, modulo ``m``
+    for a ring). ``ring`` (static): a sliding-window cache of ``m = window`` slots that overwrites
+    the oldest entry (entry ``i`` lives in slot ``i % m``), so decoding a Mistral / Mixtral-style
+    model holds the window, not the whole sequence.
     """
 
     k: jax.Array
@@ -192,18 +202,28 @@ class KVCache:
     valid: jax.Array
     pos: jax.Array
     index: jax.Array
+    ring: bool = struct.field(pytree_node=False, default=False)
 
     @classmethod
-    def zeros(cls, batch: int, length: int, kv_heads: int, head_dim: int, dtype=jnp.float32) -> KVCache:
+    def zeros(cls, batch: int, length: int, kv_heads: int, head_dim: int, dtype=jnp.float32,
+              ring: bool = False) -> KVCache:
         z = jnp.zeros((batch, length, kv_heads, head_dim), dtype)
         return cls(k=z, v=z, valid=jnp.zeros((batch, length), bool), pos=jnp.zeros((batch, length), jnp.int32),
-                   index=jnp.zeros((), jnp.int32))
+                   index=jnp.zeros((), jnp.int32), ring=ring)
 
     def write(self, k, v, valid, pos) -> KVCache:
-        """Append ``s`` new entries (``k``/``v [b, s, j, x]``) at ``index``."""
+        """Append ``s`` new entries (``k``/``v [b, s, j, x]``) at ``index`` (a ring keeps the last ``m``)."""
         i = self.index
-        upd = jax.lax.dynamic_update_slice
-        return KVCache(k=upd(self.k, k.astype(self.k.dtype), (0, i, 0, 0)),
-                       v=upd(self.v, v.astype(self.v.dtype), (0, i, 0, 0)),
-                       valid=upd(self.valid, valid, (0, i)), pos=upd(self.pos, pos.astype(jnp.int32), (0, i)),
-                       index=i + k.shape[1])
+        k, v, pos = k.astype(self.k.dtype), v.astype(self.v.dtype), pos.astype(jnp.int32)
+        if not self.ring:
+            upd = jax.lax.dynamic_update_slice
+            return self.replace(k=upd(self.k, k, (0, i, 0, 0)), v=upd(self.v, v, (0, i, 0, 0)),
+                                valid=upd(self.valid, valid, (0, i)), pos=upd(self.pos, pos, (0, i)),
+                                index=i + k.shape[1])
+        m, s = self.k.shape[1], k.shape[1]
+        drop = max(s - m, 0)                                   # only the last m entries survive
+        k, v, valid, pos = k[:, drop:], v[:, drop:], valid[:, drop:], pos[:, drop:]
+        slots = (i + drop + jnp.arange(s - drop)) % m
+        return self.replace(k=self.k.at[:, slots].set(k), v=self.v.at[:, slots].set(v),
+                            valid=self.valid.at[:, slots].set(valid), pos=self.pos.at[:, slots].set(pos),
+                            index=i + s)

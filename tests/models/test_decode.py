@@ -84,3 +84,26 @@ def test_encdec_cached_greedy_equals_uncached(name):
         logits, _ = model(enc, dec)
         dec = jnp.concatenate([dec, jnp.argmax(logits[:, -1], -1)[:, None].astype(jnp.int32)], axis=1)
     np.testing.assert_array_equal(out, dec[:, 1:])
+
+
+@pytest.mark.parametrize("prompt_len", [3, 7])
+def test_sliding_window_ring_cache_decodes_like_the_full_forward(prompt_len):
+    """Window 4 < prompt + new tokens: the cache holds 4 slots (a ring), and cached greedy decoding
+    (prompt shorter and longer than the window, one row left-padded) equals uncached argmax decoding."""
+    from moejax.models import build_model
+    from moejax.models.registry import get_config
+
+    cfg = get_config("tiny_mixtral", sliding_window=4)
+    model = build_model(cfg, nnx.Rngs(0))
+    caches = model.init_cache(2, prompt_len + 6)
+    assert caches[0].ring and caches[0].k.shape[2] == 4
+    rng = np.random.default_rng(0)
+    prompt = jnp.asarray(rng.integers(1, cfg.vocab_size, (2, prompt_len)))
+    mask = jnp.asarray(np.arange(prompt_len)[None] >= np.array([[0], [1]]))     # row 1: one pad on the left
+    out = np.asarray(generate(model, prompt, 6, prompt_mask=mask))
+    for row in range(2):
+        ids = np.asarray(prompt[row])[np.asarray(mask[row])][None]
+        for _ in range(6):
+            logits, _ = model(jnp.asarray(ids))
+            ids = np.concatenate([ids, np.argmax(np.asarray(logits[:, -1]), -1)[:, None]], 1)
+        np.testing.assert_array_equal(out[row, prompt_len:], ids[0, -6:])
