@@ -28,6 +28,7 @@ from moejax.training import evaluation
 from moejax.training.checkpoints import check_model_dir
 from moejax.training.config import LossConfig, TrainConfig
 from moejax.training.distill import init_student_from_teacher
+from moejax.training.flops import device_peak_flops, mfu, train_step_flops
 from moejax.training.optim import make_optimizer
 from moejax.training.state import StepFns
 from moejax.training.upcycle import upcycle_params
@@ -100,6 +101,8 @@ def train(model_dir: str, model_cfg, cfg: TrainConfig, optimizer=None, rules=DEF
     it = ds.as_numpy_iterator()
     bar = tqdm(total=cfg.train_steps, initial=start, disable=not (progress and is_primary()), desc="train",
                dynamic_ncols=True)
+    step_flops = train_step_flops(model_cfg, cfg.batch_size, cfg.task_feature_lengths)
+    peak, _ = device_peak_flops()
     window, t0, tokens = [], time.time(), 0
     try:
         for step in range(start, cfg.train_steps):
@@ -118,6 +121,8 @@ def train(model_dir: str, model_cfg, cfg: TrainConfig, optimizer=None, rules=DEF
                     tokens = int(np.sum(multihost_utils.process_allgather(np.int64(tokens))))
                 scalars = {k: float(np.mean([h[k] for h in host])) for k in host[-1] if np.ndim(host[-1][k]) == 0}
                 scalars.update(steps_per_sec=len(host) / dt, tokens_per_sec=tokens / dt, step_time=dt / len(host))
+                scalars.update(mfu=mfu(step_flops, len(host) / dt, mesh.size, peak),
+                               model_tflops_per_sec_per_device=step_flops * len(host) / dt / mesh.size / 1e12)
                 scalars["learning_rate"] = float(optimizer.schedule(done))
                 hist = {"expert_load": np.mean([h["expert_load"] for h in host], axis=0).reshape(-1)} \
                     if "expert_load" in host[-1] else {}
