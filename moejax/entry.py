@@ -72,11 +72,12 @@ def model_config(name: str = gin.REQUIRED, overrides: dict | None = None, vocab_
 @gin.configurable(module="moejax")
 def run(mode: str, model_dir: str = gin.REQUIRED, model=gin.REQUIRED, train_config: TrainConfig = gin.REQUIRED,
         optimizer=None, checkpoint: str | None = None, compute_dtype: str | None = None,
-        expert_dropout: float | None = None, remat: str | None = None):
+        expert_dropout: float | None = None, remat: str | None = None, param_dtype: str | None = None):
     """``mode``: ``train`` / ``eval`` / ``infer``. ``model`` is a config (``@moejax.model_config()``);
     ``compute_dtype='bfloat16'`` computes in bf16 with float32 params; ``expert_dropout`` sets the
     MoE layers' dropout on the expert hidden layer (finetuning); ``remat`` the scanned blocks'
-    rematerialisation policy (:mod:`moejax.models.remat`)."""
+    rematerialisation policy (:mod:`moejax.models.remat`); ``param_dtype='bfloat16'`` stores the
+    params in bf16 (pair it with ``moejax.optimizer.master_weights = True`` for an f32 master copy)."""
     if not model_dir:
         raise ValueError("MODEL_DIR is empty; pass --gin.MODEL_DIR=\"'/path/to/run'\"")
     overrides = {}
@@ -87,6 +88,11 @@ def run(mode: str, model_dir: str = gin.REQUIRED, model=gin.REQUIRED, train_conf
         overrides.update({"dtype": dt, **({"moe.dtype": dt} if model.moe is not None else {})})
     if remat is not None:
         overrides["remat"] = remat
+    if param_dtype:
+        import jax.numpy as jnp
+
+        pdt = jnp.dtype(param_dtype)
+        overrides.update({"param_dtype": pdt, **({"moe.param_dtype": pdt} if model.moe is not None else {})})
     if expert_dropout is not None and model.moe is not None:
         overrides["moe.expert_dropout"] = float(expert_dropout)
     model = override(model, overrides).validate()
