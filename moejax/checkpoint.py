@@ -57,8 +57,18 @@ def config_to_json(cfg) -> dict:
     return enc(cfg)
 
 
+#: The default rules table before the ``fsdp`` mesh axis existed: configs saved with it read back
+#: with today's :data:`moejax.sharding.DEFAULT_RULES` (identical on any mesh without ``fsdp``).
+_PRE_FSDP_DEFAULT_RULES = (
+    ("batch", ("data", "expert")), ("expert_group", "data"), ("length", None), ("embed", None), ("mlp", "model"),
+    ("heads", "model"), ("kv", None), ("vocab", "model"), ("expert", "expert"), ("expert_inner", None),
+    ("layers", None), ("capacity", None), ("unmodeled", None),
+)
+
+
 def config_from_json(d: dict):
-    """Inverse of :func:`config_to_json`; an unknown class or field is a ValueError naming it."""
+    """Inverse of :func:`config_to_json`; an unknown class or field is a ValueError naming it. A
+    config saved with the pre-FSDP default axis rules gets today's defaults."""
 
     def dec(v):
         if isinstance(v, dict) and "__dtype__" in v:
@@ -72,7 +82,10 @@ def config_from_json(d: dict):
             unknown = sorted(set(v) - names - {"__class__"})
             if unknown:
                 raise ValueError(f"checkpoint config has {cls.__name__} fields this moejax does not know: {unknown}")
-            return cls(**{k: dec(x) for k, x in v.items() if k != "__class__"})
+            fields = {k: dec(x) for k, x in v.items() if k != "__class__"}
+            if fields.get("axis_rules") == _PRE_FSDP_DEFAULT_RULES:
+                fields["axis_rules"] = DEFAULT_RULES
+            return cls(**fields)
         if isinstance(v, list):
             return tuple(dec(x) for x in v)
         return v

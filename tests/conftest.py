@@ -11,7 +11,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("MOEJAX_CACHE", os.path.join(__import__("tempfile").gettempdir(), "moejax-test-cache"))
 # JAX's persistent compilation cache, shared by the test workers and the processes they start (CLI
 # runs, resumed trainers, multi-process launches, notebook kernels): the same tiny models compile
-# once per suite run instead of once per process (~1/3 off the end-to-end tests on 2 cores)
+# once per suite run instead of once per process (~1/3 off the end-to-end tests on 2 cores).
+# tests/moe/test_grouped.py turns it off for itself: writing Pallas (megablox) executables to it
+# can segfault.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(__import__("tempfile").gettempdir(), "moejax-test-jax-cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")

@@ -15,6 +15,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from moejax.convert import from_hf  # noqa: E402
 from moejax.inference.decode import generate, generate_encdec  # noqa: E402
+from tests.convert.test_hf_nllb import tiny_nllb as nllb_fixture  # noqa: E402
 
 RNG = np.random.default_rng(0)
 ENC = RNG.integers(3, 96, (2, 11))
@@ -166,14 +167,7 @@ def test_mistral_config_defaults_follow_transformers():
 # ------------------------------------------------------------------------------------------ NLLB
 
 def tiny_nllb(**kw):
-    cfg = dict(vocab_size=96, d_model=32, encoder_layers=2, decoder_layers=2, encoder_ffn_dim=48,
-               decoder_ffn_dim=48, encoder_attention_heads=4, decoder_attention_heads=4, num_experts=4,
-               encoder_sparse_step=2, decoder_sparse_step=2, expert_capacity=64, max_position_embeddings=64,
-               dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, moe_token_dropout=0.2,
-               pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2)
-    cfg.update(kw)
-    torch.manual_seed(0)
-    return perturbed(transformers.NllbMoeForConditionalGeneration(transformers.NllbMoeConfig(**cfg)))
+    return nllb_fixture(**{"encoder_layers": 2, "decoder_layers": 2, **kw})
 
 
 def test_nllb_untied_lm_head(tmp_path):

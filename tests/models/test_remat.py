@@ -12,6 +12,8 @@ from moejax.models.registry import get_config
 from moejax.models.remat import Remat
 
 POLICIES = [r.value for r in Remat]           # CPU devices have pinned_host memory: offload runs here too
+REMAT_CASES = [("tiny_mixtral", ("none", "full", "dots_with_no_batch_dims_saveable", "offload_dots")),
+               ("tiny_switch", ("none", "full", "dots_saveable"))]
 
 
 def _batch(cfg, b=4, s=16):
@@ -34,11 +36,13 @@ def _grad_fn(cfg):
     return jax.jit(jax.value_and_grad(loss)), params
 
 
-@pytest.mark.parametrize("name", ["tiny_mixtral", "tiny_switch"])
-def test_gradients_equal_without_remat(name):
+@pytest.mark.parametrize("name,policies", REMAT_CASES)
+def test_gradients_equal_without_remat(name, policies):
+    """Every policy on at least one model (each extra policy is a full fwd+bwd compile)."""
+    assert set(POLICIES) <= set(policies) | {p for _, ps in REMAT_CASES for p in ps}
     base = get_config(name)
     ref_loss, ref = None, None
-    for pol in POLICIES:
+    for pol in policies:
         fn, params = _grad_fn(base.replace(remat=pol))
         loss, grads = fn(params)
         if ref is None:

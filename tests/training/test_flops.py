@@ -34,15 +34,3 @@ def test_peak_table_and_mfu():
         assert "measured" in src and 1e8 < peak < 1e14
     assert mfu(1e12, 2.0, 8, 1e12) == pytest.approx(0.25)
 
-
-def test_train_metrics_report_mfu(tmp_path):
-    from moejax.training.optim import make_optimizer
-    from moejax.training.trainer import TrainConfig, train
-    from moejax.training.writers import read_jsonl
-
-    cfg = TrainConfig(mixture_or_task="corpus_span_corruption", batch_size=8, train_steps=2, log_every=1,
-                      mesh_shape={"data": 8}, eval_batches=1, infer_examples=0)
-    train(str(tmp_path), get_config("tiny_switch", vocab_size=512), cfg, make_optimizer("adafactor", 0.01),
-          progress=False)
-    rec = read_jsonl(str(tmp_path / "train_metrics.jsonl"))[-1]
-    assert 0 < rec["mfu"] < 1 and rec["model_tflops_per_sec_per_device"] > 0

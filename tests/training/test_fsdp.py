@@ -44,23 +44,22 @@ def _device_bytes(tree) -> int:
     return sum(s.data.nbytes for x in jax.tree.leaves(tree) for s in x.addressable_shards if s.device == dev)
 
 
-@pytest.mark.parametrize("name", ["tiny_mixtral", "tiny_switch"])
-def test_fsdp_train_step_equals_single_device(name, devices):
+@pytest.mark.parametrize("name,shape", [("tiny_mixtral", {"fsdp": 8}),
+                                        ("tiny_switch", {"data": 2, "fsdp": 2, "expert": 2})],
+                         ids=["decoder-fsdp8", "encdec-data2xfsdp2xexpert2"])
+def test_fsdp_train_step_equals_single_device(name, shape, devices):
     cfg = get_config(name, vocab_size=VOCAB)
     tx = optax.sgd(1.0)                               # the update is minus the gradient
     _, s0, ref, ref_met = _step(cfg, make_mesh({"data": 1}, devices[:1]), tx)
     ref_delta = jax.tree.map(lambda a, b: np.asarray(b) - a, s0, ref.params)
-    for shape in ({"fsdp": 8}, {"data": 2, "fsdp": 2, "expert": 2}):
-        fns, s0, new, met = _step(cfg, make_mesh(shape, devices), tx)
-        # parameters really are sharded over fsdp (d_model dimension), experts over expert
-        embed = fns.param_shardings["embed"]["embedding"].get_value() if hasattr(
-            fns.param_shardings["embed"]["embedding"], "get_value") else fns.param_shardings["embed"]["embedding"]
-        assert "fsdp" in str(getattr(embed, "value", embed).spec), (shape, embed)
-        np.testing.assert_allclose(float(met["loss"]), float(ref_met["loss"]), rtol=1e-5, err_msg=str(shape))
-        delta = jax.tree.map(lambda a, b: np.asarray(b) - a, s0, new.params)
-        for a, b in zip(jax.tree.leaves(delta), jax.tree.leaves(ref_delta), strict=True):
-            assert np.max(np.abs(a - b)) <= 1e-4 * max(np.max(np.abs(b)), 1e-6), (shape, np.max(np.abs(a - b)))
-
+    fns, s0, new, met = _step(cfg, make_mesh(shape, devices), tx)
+    # parameters really are sharded over fsdp (their d_model dimension)
+    embed = fns.param_shardings["embed"]["embedding"]
+    assert "fsdp" in str(getattr(embed, "value", embed).spec), (shape, embed)
+    np.testing.assert_allclose(float(met["loss"]), float(ref_met["loss"]), rtol=1e-5, err_msg=str(shape))
+    delta = jax.tree.map(lambda a, b: np.asarray(b) - a, s0, new.params)
+    for a, b in zip(jax.tree.leaves(delta), jax.tree.leaves(ref_delta), strict=True):
+        assert np.max(np.abs(a - b)) <= 1e-4 * max(np.max(np.abs(b)), 1e-6), (shape, np.max(np.abs(a - b)))
 
 def test_fsdp_divides_per_device_param_and_optimizer_bytes(devices):
     cfg = get_config("tiny_mixtral", vocab_size=VOCAB)

@@ -166,6 +166,10 @@ def test_run_dir_contents(trained_dir):
     for f in ("model_config.json", "train_metrics.jsonl", "eval_metrics.jsonl", "checkpoints/2"):
         assert os.path.exists(os.path.join(d, f)), f
     assert any(n.startswith("events.out.tfevents") for n in os.listdir(os.path.join(d, "train")))
+    from moejax.training.writers import read_jsonl
+
+    rec = read_jsonl(os.path.join(d, "train_metrics.jsonl"))[-1]       # MFU next to tokens/s
+    assert 0 < rec["mfu"] < 1 and rec["model_tflops_per_sec_per_device"] > 0 and rec["tokens_per_sec"] > 0
 
 
 def test_checkpoint_of_another_model_is_refused_and_kept(trained_dir):
