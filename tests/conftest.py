@@ -9,11 +9,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # the corpus SentencePiece model is trained once and shared by the test workers
 os.environ.setdefault("MOEJAX_CACHE", os.path.join(__import__("tempfile").gettempdir(), "moejax-test-cache"))
-# JAX's persistent compilation cache, shared by the test workers and the processes they start (CLI
-# runs, resumed trainers, multi-process launches, notebook kernels): the same tiny models compile
-# once per suite run instead of once per process (~1/3 off the end-to-end tests on 2 cores).
-# tests/moe/test_grouped.py turns it off for itself: writing Pallas (megablox) executables to it
-# can segfault.
+# JAX's persistent compilation cache for the processes the tests start (CLI runs, resumed trainers,
+# multi-process launches, notebook kernels: they inherit the environment), so the same tiny models
+# compile once per suite run instead of once per process (~1/3 off the end-to-end tests on 2
+# cores). The test workers themselves do not use it (below): with it, compiling the Pallas
+# (megablox) tests crashed a worker.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(__import__("tempfile").gettempdir(), "moejax-test-jax-cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
@@ -24,6 +24,7 @@ import pytest  # noqa: E402
 from moejax.sharding import make_mesh  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+jax.config.update("jax_compilation_cache_dir", None)      # in-process: no persistent cache (see above)
 
 MESH_SHAPES = {
     "data8": {"data": 8},

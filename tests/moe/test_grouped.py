@@ -11,20 +11,6 @@ from moejax.moe import MoeConfig
 from moejax.moe.grouped import grouped_matmul, megablox_available, resolve
 from tests.moe.test_layer import assert_match, build, inputs
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _no_persistent_compilation_cache():
-    """Writing the Pallas (megablox, interpret mode on CPU) executables to JAX's persistent
-    compilation cache (enabled by tests/conftest.py) can segfault; this module compiles afresh."""
-    from jax.experimental.compilation_cache import compilation_cache
-
-    before = jax.config.jax_enable_compilation_cache
-    jax.config.update("jax_enable_compilation_cache", False)
-    compilation_cache.reset_cache()                  # JAX memoises whether the cache is used
-    yield
-    jax.config.update("jax_enable_compilation_cache", before)
-    compilation_cache.reset_cache()
-
 needs_megablox = pytest.mark.skipif(not megablox_available(), reason="this jax has no Megablox kernel")
 
 
