@@ -51,16 +51,16 @@ def build_from_hf(path: str, config_from_hf: Callable, hf_to_state: Callable, *,
     unknown ``config.json`` fields to accept (see :mod:`moejax.convert.fields`). ``seed``: the
     dropout / router-noise RNG streams. ``overrides``: config fields to replace.
     """
-    compute = compute_dtype
     hf = read_hf_config(path)
     config_from_hf(hf, ignore_fields=ignore_fields, **overrides)   # a wrong model fails before the weights
     weights = LazyWeights(path)                        # headers only: nothing is read yet
     cfg = config_from_hf(hf, ignore_fields=ignore_fields, weights=weights, **overrides)
     if dtype is not None or "param_dtype" not in overrides:
         cfg = with_param_dtype(cfg, dtype if dtype is not None else checkpoint_dtype(weights))
-    if compute is not None:
-        cfg = cfg.replace(dtype=jnp.dtype(compute), **({"moe": cfg.moe.replace(dtype=jnp.dtype(compute))}
-                                                         if getattr(cfg, "moe", None) is not None else {}))
+    if compute_dtype is not None:
+        dt = jnp.dtype(compute_dtype)
+        cfg = cfg.replace(dtype=dt, **({"moe": cfg.moe.replace(dtype=dt)} if getattr(cfg, "moe", None) is not None
+                                       else {}))
     cfg = cfg.validate()
     flat = hf_to_state(cfg, weights)
     factory = lambda: build_model(cfg, nnx.Rngs(seed))  # noqa: E731

@@ -11,6 +11,7 @@ weights touches only its experts' tensors (memory-mapped; see ``safetensors_io``
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol
 
 import jax
 import numpy as np
@@ -24,17 +25,16 @@ def _identity(w):
     return w
 
 
-class Source:
-    """A lazily read array: ``shape``, ``dtype`` and ``read(index, dtype)``."""
+class Source(Protocol):
+    """A lazily read array: ``shape``, ``dtype`` and ``read(index, dtype)`` (:class:`Leaf`, :class:`Stack`)."""
 
     shape: tuple[int, ...]
     dtype: np.dtype
 
-    def read(self, index: tuple = (), dtype=None) -> np.ndarray:  # pragma: no cover - interface
-        raise NotImplementedError
+    def read(self, index: tuple = (), dtype=None) -> np.ndarray: ...
 
 
-class Leaf(Source):
+class Leaf:
     """One HF tensor seen through ``fn`` (HF layout -> moejax's). ``load()`` returns the tensor (a
     fresh memmap per call, so the pages read leave the process once the read is done);
     ``shape`` / ``dtype`` of the stored tensor give the transformed shape without reading."""
@@ -49,7 +49,7 @@ class Leaf(Source):
         return np.array(full[tuple(index)], dtype=dtype or self.dtype, copy=True)
 
 
-class Stack(Source):
+class Stack:
     """``children`` (equal shapes) stacked on a new leading axis, read child by child."""
 
     def __init__(self, children: Sequence[Source]):
