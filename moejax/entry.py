@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 import gin
-from moejax.models.config import override
+from moejax.models.config import override, with_dtypes
 from moejax.models.registry import get_config
 from moejax.training.config import LossConfig, TrainConfig
 from moejax.training.optim import make_optimizer
@@ -81,21 +81,13 @@ def run(mode: str, model_dir: str = gin.REQUIRED, model=gin.REQUIRED, train_conf
     if not model_dir:
         raise ValueError("MODEL_DIR is empty; pass --gin.MODEL_DIR=\"'/path/to/run'\"")
     overrides = {}
-    if compute_dtype:
-        import jax.numpy as jnp
-
-        dt = jnp.dtype(compute_dtype)
-        overrides.update({"dtype": dt, **({"moe.dtype": dt} if model.moe is not None else {})})
     if remat is not None:
         overrides["remat"] = remat
-    if param_dtype:
-        import jax.numpy as jnp
 
-        pdt = jnp.dtype(param_dtype)
-        overrides.update({"param_dtype": pdt, **({"moe.param_dtype": pdt} if model.moe is not None else {})})
     if expert_dropout is not None and model.moe is not None:
         overrides["moe.expert_dropout"] = float(expert_dropout)
-    model = override(model, overrides).validate()
+    model = override(with_dtypes(model, dtype=compute_dtype or None, param_dtype=param_dtype or None),
+                     overrides).validate()
     model_dir = os.path.abspath(os.path.expanduser(model_dir))
     if mode == "train":
         return train(model_dir, model, train_config, optimizer)

@@ -18,6 +18,7 @@ from flax import nnx
 from moejax.convert.mapping import sharded_params
 from moejax.convert.safetensors_io import LazyWeights, read_hf_config
 from moejax.models.build import build_model
+from moejax.models.config import with_dtypes
 from moejax.sharding import DEFAULT_RULES, Rules
 
 
@@ -29,13 +30,6 @@ def checkpoint_dtype(weights: LazyWeights) -> np.dtype:
         if jnp.issubdtype(dt, jnp.floating):
             nbytes[dt] += int(np.prod(weights.shape(name), dtype=np.int64)) * dt.itemsize
     return jnp.dtype(nbytes.most_common(1)[0][0]) if nbytes else jnp.dtype(jnp.float32)
-
-
-def with_param_dtype(cfg, dtype):
-    """``cfg`` with every parameter stored in ``dtype`` (the model's and its MoE layers')."""
-    dtype = jnp.dtype(dtype)
-    moe = getattr(cfg, "moe", None)
-    return cfg.replace(param_dtype=dtype, **({"moe": moe.replace(param_dtype=dtype)} if moe is not None else {}))
 
 
 def build_from_hf(path: str, config_from_hf: Callable, hf_to_state: Callable, *, mesh=None,
@@ -55,13 +49,9 @@ def build_from_hf(path: str, config_from_hf: Callable, hf_to_state: Callable, *,
     config_from_hf(hf, ignore_fields=ignore_fields, **overrides)   # a wrong model fails before the weights
     weights = LazyWeights(path)                        # headers only: nothing is read yet
     cfg = config_from_hf(hf, ignore_fields=ignore_fields, weights=weights, **overrides)
-    if dtype is not None or "param_dtype" not in overrides:
-        cfg = with_param_dtype(cfg, dtype if dtype is not None else checkpoint_dtype(weights))
-    if compute_dtype is not None:
-        dt = jnp.dtype(compute_dtype)
-        cfg = cfg.replace(dtype=dt, **({"moe": cfg.moe.replace(dtype=dt)} if getattr(cfg, "moe", None) is not None
-                                       else {}))
-    cfg = cfg.validate()
+    if dtype is None and "param_dtype" not in overrides:
+        dtype = checkpoint_dtype(weights)
+    cfg = with_dtypes(cfg, dtype=compute_dtype, param_dtype=dtype).validate()
     flat = hf_to_state(cfg, weights)
     factory = lambda: build_model(cfg, nnx.Rngs(seed))  # noqa: E731
     graphdef, abstract_params, _ = nnx.split(nnx.eval_shape(factory), nnx.Param, ...)

@@ -168,6 +168,17 @@ def routes_by_task(cfg: ModelConfig) -> bool:
     return cfg.moe is not None and cfg.moe.uses_task_ids
 
 
+def with_dtypes(cfg, *, dtype=None, param_dtype=None):
+    """``cfg`` with the compute ``dtype`` and / or ``param_dtype`` set on the model and its MoE layers."""
+    kw = {}
+    for name, value in (("dtype", dtype), ("param_dtype", param_dtype)):
+        if value is not None:
+            kw[name] = jnp.dtype(value)
+            if cfg.moe is not None:
+                kw[f"moe.{name}"] = jnp.dtype(value)
+    return override(cfg, kw)
+
+
 def override(cfg, overrides: dict):
     """``cfg`` with ``overrides`` applied, each key a field name or a dotted path into nested config
     dataclasses (``{'d_model': 32, 'moe.expert_dropout': 0.2, 'moe.inner.top_k': 1}``); the result
