@@ -144,7 +144,10 @@ root = tempfile.mkdtemp()
 COMMON = ["--gin_file=models/tiny_switch.gin", "--gin.BATCH_SIZE=16", "--gin_file=mesh/data2_expert4.gin",
           "--gin.moejax.TrainConfig.log_every=5", "--gin.moejax.TrainConfig.eval_batches=2",
           "--gin.moejax.TrainConfig.infer_examples=8"]
+# MOEJAX_NOTEBOOK_SCALE=0.25: a quick smoke run with a quarter of the steps (the test suite's)
+SCALE = float(os.environ.get("MOEJAX_NOTEBOOK_SCALE", "1"))
 def run(run_file, name, task, steps, lr, init=None):
+    steps = max(5, int(steps * SCALE))
     args = ["train", f"--gin_file=runs/{run_file}.gin", *COMMON, f"--gin.MODEL_DIR='{root}/{name}'",
             f"--gin.MIXTURE_OR_TASK_NAME='{task}'", f"--gin.TRAIN_STEPS={steps}",
             f"--gin.moejax.optimizer.learning_rate={lr}"]
@@ -200,7 +203,7 @@ main(["params", "--model", "mixtral_8x7b", "--mesh", "data=64,expert=8,model=4"]
 AFTER = [
     "md:# 5. After training: distillation, expert merging, quantization\nA tiny Switch teacher, a "
     "distilled dense student, and the merged / quantized variants with before/after tables.",
-    '''import tempfile, jax, jax.numpy as jnp
+    '''import os, tempfile, jax, jax.numpy as jnp
 from flax import nnx
 from moejax.models.registry import get_config
 from moejax.training.trainer import TrainConfig, train
@@ -208,10 +211,13 @@ from moejax.training.optim import make_optimizer
 from moejax.training.writers import read_jsonl
 root = tempfile.mkdtemp()
 LEN = {"inputs": 64, "targets": 32}
+# MOEJAX_NOTEBOOK_SCALE=0.25: a quick smoke run with a quarter of the steps (the test suite's)
+SCALE = float(os.environ.get("MOEJAX_NOTEBOOK_SCALE", "1"))
 def fit(name, cfg, steps, **kw):
+    steps = max(5, int(steps * SCALE))
     tc = TrainConfig(batch_size=16, train_steps=steps, log_every=20, mesh_shape={"data": 8}, eval_batches=4,
                      infer_examples=2, task_feature_lengths=LEN, **kw)
-    state = train(f"{root}/{name}", cfg, tc, make_optimizer("adafactor", 0.1, warmup_steps=50), progress=False)
+    state = train(f"{root}/{name}", cfg, tc, make_optimizer("adafactor", 0.1, warmup_steps=steps // 2), progress=False)
     return state, read_jsonl(f"{root}/{name}/eval_metrics.jsonl")[-1]["eval/cross_entropy"]
 t = get_config("tiny_switch", vocab_size=512)
 teacher_cfg = t.replace(moe=t.moe.replace(num_experts=8))

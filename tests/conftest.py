@@ -11,12 +11,19 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("MOEJAX_CACHE", os.path.join(__import__("tempfile").gettempdir(), "moejax-test-cache"))
 # JAX's persistent compilation cache for the processes the tests start (CLI runs, resumed trainers,
 # multi-process launches, notebook kernels: they inherit the environment), so the same tiny models
-# compile once per suite run instead of once per process (~1/3 off the end-to-end tests on 2
-# cores). The test workers themselves do not use it (below): with it, compiling the Pallas
-# (megablox) tests crashed a worker.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
-                      os.path.join(__import__("tempfile").gettempdir(), "moejax-test-jax-cache"))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+# compile once per suite run instead of once per process. A size limit turns on JAX's file lock
+# around every cache read and write (without one, a process can read an entry another is still
+# writing). The test workers themselves do not use it (below): in these long-lived processes, jax
+# 0.10's executable serialisation crashed (a segfault in ``put_executable_and_time``).
+# MOEJAX_TEST_JAX_CACHE=0 turns it off for the children too (the Megablox checks' own process).
+if os.environ.get("MOEJAX_TEST_JAX_CACHE", "1") != "0":
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                          os.path.join(__import__("tempfile").gettempdir(), "moejax-test-jax-cache"))
+    os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(16 * 2**30))
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+else:
+    for var in ("JAX_COMPILATION_CACHE_DIR", "JAX_COMPILATION_CACHE_MAX_SIZE"):
+        os.environ.pop(var, None)
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

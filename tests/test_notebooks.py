@@ -10,7 +10,10 @@ NOTEBOOKS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "note
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[os.path.basename(p) for p in NOTEBOOKS])
-def test_notebook_runs(path, tmp_path):
+def test_notebook_runs(path, tmp_path, monkeypatch):
+    """Every cell runs without an error; the training notebooks at a quarter of their steps (what they
+    show is checked, at full length, by tests/training: test_end_to_end.py, test_distill.py, ...)."""
+    monkeypatch.setenv("MOEJAX_NOTEBOOK_SCALE", "0.25")
     import nbformat
     from nbclient import NotebookClient
 
