@@ -3,6 +3,9 @@
 ``moejax params --model mixtral_8x7b [--mesh data=64,expert=8,model=4]``: exact parameter counts.
 ``moejax layout --devices 2048 [--models switch_c_2048,nllb_moe_54b]``: per-device bytes of params,
 optimizer state and MoE dispatch buffers on a pod-scale mesh, from abstract shapes.
+``moejax layout --model mixtral_8x7b --mesh fsdp=32,expert=8 --batch 256 --seq 4096 --remat full
+--dtype bfloat16 --hbm 95GiB``: one train step's memory plan (params, optimizer state, gradients,
+activations, backward workspace) and whether it fits.
 ``moejax convert --hf_dir DIR --out CKPT [--mesh data=2,expert=4] [--dtype bfloat16]``: a HF checkpoint
 (Mixtral / Mistral / Llama, Switch / T5, NLLB-MoE) to a moejax checkpoint, streamed from the
 memory-mapped shards into the mesh (load it with ``moejax.load(path, mesh=None)``).
@@ -69,9 +72,29 @@ def cmd_layout(args) -> int:
     from moejax.layout import table
     from moejax.models.registry import names
 
+    if args.model:
+        return _memory_plan(args)
     models = [m for m in args.models.split(",") if m] if args.models else names()
     mesh = _parse_mesh(args.mesh) if args.mesh else None
     print(table(models, args.devices, mesh))
+    return 0
+
+
+def _memory_plan(args) -> int:
+    from moejax.models.config import EncDecConfig
+    from moejax.models.registry import get_config
+    from moejax.training.memory import parse_bytes, plan
+
+    if not args.mesh:
+        raise SystemExit("moejax layout --model needs --mesh, e.g. --mesh fsdp=32,expert=8")
+    cfg = get_config(args.model)
+    lengths = {"targets": args.seq}
+    if isinstance(cfg, EncDecConfig):
+        lengths["inputs"] = args.inputs or args.seq
+    p = plan(cfg, _parse_mesh(args.mesh), args.batch, lengths, remat=args.remat or None, dtype=args.dtype or None,
+             param_dtype=args.param_dtype or None, optimizer=args.optimizer, master_weights=args.master_weights,
+             name=args.model)
+    print(p.table(parse_bytes(args.hbm) if args.hbm else None))
     return 0
 
 
@@ -246,6 +269,16 @@ def main(argv=None) -> int:
     pl.add_argument("--devices", type=int, default=2048, help="mesh size (a data x expert x model mesh is chosen)")
     pl.add_argument("--mesh", default="", help="or an explicit mesh, e.g. data=16,expert=64,model=2")
     pl.add_argument("--models", default="", help="comma-separated config names (default: all registered)")
+    pl.add_argument("--model", default="", help="one config: its train-step memory plan on --mesh (with activations)")
+    pl.add_argument("--batch", type=int, default=256, help="global batch (sequences), with --model")
+    pl.add_argument("--seq", type=int, default=4096, help="target length, with --model")
+    pl.add_argument("--inputs", type=int, default=0, help="encoder input length (encoder-decoders; default --seq)")
+    pl.add_argument("--remat", default="", help="none | full | dots_saveable | ... (default: the config's)")
+    pl.add_argument("--dtype", default="", help="compute dtype, e.g. bfloat16 (default: the config's)")
+    pl.add_argument("--param_dtype", default="", help="parameter dtype (default: the config's)")
+    pl.add_argument("--optimizer", default="adamw", help="adamw | adafactor")
+    pl.add_argument("--master_weights", action="store_true", help="a float32 master copy of the params")
+    pl.add_argument("--hbm", default="", help="per-device memory, e.g. 95GiB: says whether the step fits")
     pl.set_defaults(fn=cmd_layout)
     pc = sub.add_parser("convert", help="Hugging Face save_pretrained dir (safetensors) -> moejax orbax checkpoint")
     pc.add_argument("--hf_dir", required=True)

@@ -43,6 +43,11 @@ def _fold(keys, step):
     return jax.vmap(lambda k: jax.random.fold_in(k, step))(flat).reshape(keys.shape)
 
 
+def fold_rngs(rest, step):
+    """The model's non-param state with every RNG key folded with ``step`` (a train step's streams)."""
+    return jax.tree.map(lambda x: _fold(x, step) if _is_key(x) else x, rest)
+
+
 def opt_state_shardings(abstract_opt, abstract_params, param_shardings, mesh):
     """Shard each optimizer-state leaf like the param it mirrors (same path suffix): same shape ->
     same sharding; a factored moment missing one dim -> the param's spec without that dim; else
@@ -119,6 +124,7 @@ class StepFns:
             self.teacher_graphdef, self.teacher_state = nnx.split(self.teacher)
         jitted = jax.jit(self._train_step, in_shardings=(self.state_shardings, None, None),
                          out_shardings=(self.state_shardings, None), donate_argnums=(0,))
+        self.train_step_jit = jitted        # (state, batch, teacher_state) -> (state, metrics): for .lower()
         self.train_step = lambda state, batch: jitted(state, batch, getattr(self, "teacher_state", None))
         self.eval_step = jax.jit(self._eval_step, in_shardings=(self.param_shardings, None))
 
@@ -151,7 +157,7 @@ class StepFns:
 
     def model(self, params, step=None):
         """The NNX model for ``params`` (RNG streams folded with ``step`` when given)."""
-        rest = self.rest0 if step is None else jax.tree.map(lambda x: _fold(x, step) if _is_key(x) else x, self.rest0)
+        rest = self.rest0 if step is None else fold_rngs(self.rest0, step)
         return nnx.merge(self.graphdef, params, rest)
 
     def _loss(self, params, batch, step, teacher_logits=None):

@@ -1,0 +1,82 @@
+"""The train-step memory plan (``moejax.training.memory``) against what XLA assigns to the real
+compiled step on the 8-device CPU mesh, and ``moejax layout --model``."""
+
+import jax
+import pytest
+
+from moejax.main import main
+from moejax.models.config import override
+from moejax.models.registry import get_config
+from moejax.sharding import make_mesh
+from moejax.training.memory import compiled_peak, parse_bytes, plan
+
+MIB = 2**20
+
+
+def _mixtral(**kw):
+    # groups a multiple of the 8 batch shards (what the plan's flag asks for): the MoE splits over devices
+    return override(get_config("tiny_mixtral"), {"moe.group_multiple": 8, **kw})
+
+
+@pytest.mark.parametrize("remat,shape", [("none", {"data": 8}), ("full", {"fsdp": 8})],
+                         ids=["no-remat-data8", "full-remat-fsdp8"])
+def test_moe_decoder_plan_within_15_percent_of_the_compiled_step(remat, shape, devices):
+    cfg = _mixtral(remat=remat)
+    lengths = {"targets": 128}
+    p = plan(cfg, shape, 32, lengths)
+    real = compiled_peak(cfg, make_mesh(shape, devices), 32, lengths)
+    assert abs(p.total / real - 1) <= 0.15, (remat, shape, p.total / MIB, real / MIB, p.rows)
+    assert p.rows["activations"] > 0.1 * p.total or remat == "full"   # activations matter at this size
+    assert not p.flags
+
+
+def test_remat_and_fsdp_change_the_rows_they_should():
+    base = plan(_mixtral(), {"data": 8}, 32, {"targets": 128})
+    full = plan(_mixtral(), {"data": 8}, 32, {"targets": 128}, remat="full")
+    fsdp = plan(_mixtral(), {"fsdp": 8}, 32, {"targets": 128})
+    assert full.rows["activations"] < 0.25 * base.rows["activations"]
+    assert full.rows["params"] == base.rows["params"]
+    for row in ("params", "optimizer state", "gradients"):
+        assert fsdp.rows[row] < base.rows[row] / 6, row         # ~1/8 (norms and routers are tiny)
+    assert fsdp.rows["activations"] == base.rows["activations"]
+
+
+def test_encoder_decoder_plan_does_not_under_predict(devices):
+    """Encoder-decoders: the plan counts every attention residual jax keeps, XLA:CPU fuses some away;
+    the plan stays on the safe side (above the compiled step, never below it by more than 15%)."""
+    cfg = get_config("tiny_switch")
+    cfg = override(cfg, {"moe.group_multiple": 2})
+    shape, lengths = {"data": 2, "expert": 4}, {"inputs": 128, "targets": 64}
+    p = plan(cfg, shape, 32, lengths)
+    real = compiled_peak(cfg, make_mesh(shape, devices), 32, lengths)
+    assert p.total >= 0.85 * real, (p.total / MIB, real / MIB, p.rows)
+
+
+def test_groups_that_do_not_split_are_flagged():
+    p = plan(get_config("tiny_mixtral"), {"data": 8}, 32, {"targets": 128})   # 4096 tokens, one group
+    assert p.flags and "set moe.group_multiple=8" in p.flags[0], p.flags
+
+
+def test_bad_values_are_refused():
+    with pytest.raises(ValueError, match="batch 12 does not divide the 8 batch shards"):
+        plan(_mixtral(), {"data": 8}, 12, {"targets": 16})
+    with pytest.raises(ValueError, match="unknown optimizer 'sgdd'"):
+        plan(_mixtral(), {"data": 8}, 8, {"targets": 16}, optimizer="sgdd")
+    with pytest.raises(ValueError, match="bad memory size '95 parsecs'"):
+        parse_bytes("95 parsecs")
+    assert parse_bytes("95GiB") == 95 * 2**30 and parse_bytes("80GB") == 80e9
+
+
+def test_layout_cli_mixtral_8x7b_fits_with_fsdp_and_remat_not_without(capsys):
+    """The README's two commands: 8x7B on 256 chips of 95 GiB, bf16 compute, AdamW."""
+    common = ["layout", "--model", "mixtral_8x7b", "--batch", "256", "--seq", "4096", "--dtype", "bfloat16",
+              "--hbm", "95GiB"]
+    assert main(common + ["--mesh", "fsdp=32,expert=8", "--remat", "full"]) == 0
+    out = capsys.readouterr().out
+    assert "| activations |" in out and "fits in 95 GiB" in out and "NOT" not in out, out
+    total = float(out.split("**total** | **")[1].split("**")[0].replace(",", ""))
+    assert total < 95
+    assert main(common + ["--mesh", "data=32,expert=8", "--remat", "none"]) == 0
+    out = capsys.readouterr().out
+    assert "does NOT fit in 95 GiB" in out and "largest: activations" in out, out
+    assert jax.devices()   # nothing above needed more than the abstract mesh
