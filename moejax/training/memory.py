@@ -52,8 +52,6 @@ from moejax.training.state import fold_rngs, opt_state_shardings
 
 GiB = 2.0**30
 
-ROWS = ("params", "optimizer state", "gradients", "activations", "backward workspace", "batch")
-
 
 @dataclasses.dataclass
 class MemoryPlan:
