@@ -91,12 +91,13 @@ def logical_to_spec(
     return PartitionSpec(*out)
 
 
-def spec_divisor(spec: PartitionSpec, mesh: Any, dim: int) -> int:
-    """Number of shards dimension ``dim`` is split into under ``spec`` on ``mesh``."""
+def spec_divisor(spec: PartitionSpec, mesh: Any, dim: int, *, skip: Sequence[str] = ()) -> int:
+    """Number of shards dimension ``dim`` is split into under ``spec`` on ``mesh``, not counting
+    the mesh axes named in ``skip``."""
     if dim >= len(spec) or spec[dim] is None:
         return 1
     axes = (spec[dim],) if isinstance(spec[dim], str) else spec[dim]
-    return math.prod(dict(mesh.shape)[a] for a in axes)
+    return math.prod(dict(mesh.shape)[a] for a in axes if a not in skip)
 
 
 def check_divisible(

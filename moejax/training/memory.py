@@ -253,12 +253,18 @@ def plan(cfg, mesh_shape: dict, batch: int, lengths: dict, *, remat: str | None 
     # that parameter except over fsdp: FSDP gathers each layer's weights where they are used
     param_like = {}
     for a, sh in zip(p_leaves, sh_leaves):
-        frac = 1.0 / math.prod(_split_without_fsdp(sh.spec, mesh_shape, d) for d in range(len(a.shape)))
+        frac = 1.0 / math.prod(spec_divisor(sh.spec, mesh, d, skip=("fsdp",)) for d in range(len(a.shape)))
         param_like[tuple(a.shape)] = min(frac, param_like.get(tuple(a.shape), 1.0))
-    acts = sum(_nbytes(a) * param_like[tuple(a.shape)] if tuple(a.shape) in param_like
-               else _local(a, model_axis, split) for a in res)
+
+    def local(a) -> float:
+        frac = param_like.get(tuple(a.shape))
+        return _nbytes(a) * frac if frac is not None else _local(a, model_axis, split)
+
+    acts = sum(local(a) for a in res)
     # one layer's backward on top: its residuals (recomputed under remat) and their cotangents
-    period = _one_layer_residuals(local_cfg.replace(remat="none"), local_batch, loss, model_axis, split, param_like)
+    if local_cfg.remat != "none":
+        res = residuals(local_cfg.replace(remat="none"), local_batch, loss)
+    period = _one_layer_bytes(_stacked(local_cfg, res), local)
     b, s = batch // batch_shards, int(lengths["targets"])
     logits_cot = b * s * cfg.vocab_size * 4 / (model_axis if cfg.vocab_size % model_axis == 0 else 1)
     work = 2 * period + logits_cot
@@ -270,13 +276,6 @@ def plan(cfg, mesh_shape: dict, batch: int, lengths: dict, *, remat: str | None 
                       optimizer + (" + f32 master" if master_weights else ""), rows, flags)
 
 
-def _split_without_fsdp(spec, mesh_shape: dict, dim: int) -> int:
-    if dim >= len(spec) or spec[dim] is None:
-        return 1
-    axes = (spec[dim],) if isinstance(spec[dim], str) else spec[dim]
-    return math.prod(int(mesh_shape[a]) for a in axes if a != "fsdp")
-
-
 def _stacked(cfg, res) -> list:
     """Residuals stacked over the scanned layers (leading dim = a stack's number of periods)."""
     if isinstance(cfg, EncDecConfig):
@@ -286,15 +285,10 @@ def _stacked(cfg, res) -> list:
     return [a for a in res if a.shape and a.shape[0] in periods]
 
 
-def _one_layer_residuals(cfg, batch, loss, model_axis, split, param_like) -> float:
-    res = _stacked(cfg, residuals(cfg, batch, loss))
-
-    def local(a):
-        frac = param_like.get(tuple(a.shape))
-        return _nbytes(a) * frac if frac is not None else _local(a, model_axis, split)
-
-    return max((sum(local(a) / a.shape[0] for a in res if a.shape[0] == n)
-                for n in {a.shape[0] for a in res}), default=0.0)
+def _one_layer_bytes(stacked: list, local) -> float:
+    """Per-device bytes of one period of the largest layer stack, ``local(a)`` the bytes of ``a``."""
+    return max((sum(local(a) / a.shape[0] for a in stacked if a.shape[0] == n)
+                for n in {a.shape[0] for a in stacked}), default=0.0)
 
 
 def compiled_peak(cfg, mesh, batch: int, lengths: dict, *, optimizer: str = "adamw", master_weights: bool = False,
