@@ -11,7 +11,8 @@ import importlib
 
 #: ``model_type`` -> the module converting it (``moejax.convert.<module>``).
 CONVERTERS = {"mixtral": "hf_mixtral", "mistral": "hf_mixtral", "llama": "hf_mixtral",
-              "switch_transformers": "hf_switch", "t5": "hf_switch", "nllb-moe": "hf_nllb"}
+              "switch_transformers": "hf_switch", "t5": "hf_switch", "nllb-moe": "hf_nllb",
+              "qwen2_moe": "hf_qwen_moe", "qwen3_moe": "hf_qwen_moe", "olmoe": "hf_qwen_moe"}
 
 
 def converter(model_type: str):

@@ -13,7 +13,7 @@ from moejax.moe import MoeStats
 
 
 def mixtral_aux_loss(stats: MoeStats) -> jnp.ndarray:
-    """HF Mixtral ``load_balancing_loss_func``: all layers' tokens pooled,
+    """HF ``load_balancing_loss_func`` (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE): all layers' tokens pooled,
     ``E * sum_e f_e * P_e`` with ``f`` counting all top-k choices (2.0 at balance for top-2).
     Needs equal non-padding token counts per layer (true within one forward pass)."""
     f = jnp.mean(stats.selection_fraction, axis=0)

@@ -9,17 +9,21 @@ Weight names (transformers 4.x, "v4 keys"): ``model.embed_tokens.weight``,
 
 from __future__ import annotations
 
-import json
-import os
-
-import jax
-import numpy as np
-from flax import nnx
-
+from moejax.convert.decoder_io import (
+    BLOCK,
+    ExportRow,
+    attention_export,
+    attention_map,
+    common_hf_config,
+    dense_mlp_map,
+    model_level_export,
+    read_model_level,
+    write_decoder,
+)
 from moejax.convert.fields import TRAINING_ONLY, FieldTable, rope_theta
 from moejax.convert.load import build_from_hf
 from moejax.convert.mapping import Source, WeightReader, tied_head
-from moejax.convert.safetensors_io import MAX_SHARD_BYTES, ShardedWriter
+from moejax.convert.safetensors_io import MAX_SHARD_BYTES
 from moejax.models import Decoder, DecoderConfig
 from moejax.moe import MoeConfig
 
@@ -92,22 +96,11 @@ def config_from_hf(hf: dict, *, ignore_fields=(), weights=None, **overrides) -> 
 
 def _layer_map(cfg: DecoderConfig, i: int) -> dict[str, tuple[str, callable]]:
     """moejax path (within stacked block 0, layer i) -> (HF name, transform HF array -> moejax)."""
-    h, k, x, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.d_model
-    p = f"model.layers.{i}."
-    m = {
-        "attn/q": (p + "self_attn.q_proj.weight", lambda w: w.T.reshape(d, h, x)),
-        "attn/k": (p + "self_attn.k_proj.weight", lambda w: w.T.reshape(d, k, x)),
-        "attn/v": (p + "self_attn.v_proj.weight", lambda w: w.T.reshape(d, k, x)),
-        "attn/o": (p + "self_attn.o_proj.weight", lambda w: w.T.reshape(h, x, d)),
-        "attn_norm/scale": (p + "input_layernorm.weight", lambda w: w),
-        "ffn_norm/scale": (p + "post_attention_layernorm.weight", lambda w: w),
-    }
+    m = attention_map(cfg, i)
     if cfg.moe is None:
-        m["ffn/wi_0"] = (p + "mlp.gate_proj.weight", lambda w: w.T)
-        m["ffn/wi_1"] = (p + "mlp.up_proj.weight", lambda w: w.T)
-        m["ffn/wo"] = (p + "mlp.down_proj.weight", lambda w: w.T)
+        m.update({f"ffn/{k}": v for k, v in dense_mlp_map(i).items()})
     else:
-        m["ffn/router/kernel"] = (p + "block_sparse_moe.gate.weight", lambda w: w.T)
+        m["ffn/router/kernel"] = (f"model.layers.{i}.block_sparse_moe.gate.weight", lambda w: w.T)
     return m
 
 
@@ -122,12 +115,7 @@ def hf_to_state(cfg: DecoderConfig, weights) -> dict[str, Source]:
     Raises ValueError listing HF weights that were not used or were missing.
     """
     r = WeightReader(weights)
-    out: dict[str, Source] = {"embed/embedding": r.get("model.embed_tokens.weight"),
-                              "norm/scale": r.get("model.norm.weight")}
-    if cfg.tie_embeddings:
-        r.alias("lm_head.weight")  # a tied checkpoint may or may not store the shared copy
-    else:
-        out["lm_head"] = r.get("lm_head.weight", lambda w: w.T)
+    out = read_model_level(r, cfg)
     for i in range(cfg.num_layers):
         for path, (name, fn) in _layer_map(cfg, i).items():
             r.push(f"stack/blocks/0/{path}", r.get(name, fn))
@@ -144,31 +132,19 @@ def from_hf(path: str, **kw) -> tuple[Decoder, DecoderConfig]:
     return build_from_hf(path, config_from_hf, hf_to_state, **kw)
 
 
-def export_plan(cfg: DecoderConfig) -> list[tuple[str, str, int | None, callable]]:
+def export_plan(cfg: DecoderConfig) -> list[ExportRow]:
     """``[(HF name, moejax param path, layer or None, fn: that param's (layer) array -> HF tensor)]``
     in the order the tensors are written, grouped by parameter (and layer)."""
-    h, k, x, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.d_model
-    plan = [("model.embed_tokens.weight", "embed/embedding", None, lambda w: w),
-            ("model.norm.weight", "norm/scale", None, lambda w: w)]
-    if not cfg.tie_embeddings:
-        plan.append(("lm_head.weight", "lm_head", None, lambda w: w.T))
-    b = "stack/blocks/0/"
+    plan = model_level_export(cfg)
     for i in range(cfg.num_layers):
-        p = f"model.layers.{i}."
-        plan += [(p + "self_attn.q_proj.weight", b + "attn/q", i, lambda w: w.reshape(d, h * x).T),
-                 (p + "self_attn.k_proj.weight", b + "attn/k", i, lambda w: w.reshape(d, k * x).T),
-                 (p + "self_attn.v_proj.weight", b + "attn/v", i, lambda w: w.reshape(d, k * x).T),
-                 (p + "self_attn.o_proj.weight", b + "attn/o", i, lambda w: w.reshape(h * x, d).T),
-                 (p + "input_layernorm.weight", b + "attn_norm/scale", i, lambda w: w),
-                 (p + "post_attention_layernorm.weight", b + "ffn_norm/scale", i, lambda w: w)]
+        plan += attention_export(cfg, i)
         if cfg.moe is None:
-            plan += [(p + "mlp.gate_proj.weight", b + "ffn/wi_0", i, lambda w: w.T),
-                     (p + "mlp.up_proj.weight", b + "ffn/wi_1", i, lambda w: w.T),
-                     (p + "mlp.down_proj.weight", b + "ffn/wo", i, lambda w: w.T)]
+            plan += [(name, BLOCK + f"ffn/{k}", i, lambda w: w.T) for k, (name, _) in dense_mlp_map(i).items()]
         else:
-            plan.append((p + "block_sparse_moe.gate.weight", b + "ffn/router/kernel", i, lambda w: w.T))
+            plan.append((f"model.layers.{i}.block_sparse_moe.gate.weight", BLOCK + "ffn/router/kernel", i,
+                         lambda w: w.T))
             for path, which in (("ffn/experts/wi_0", "w1"), ("ffn/experts/wi_1", "w3"), ("ffn/experts/wo", "w2")):
-                plan += [(_expert_names(i, e, which), b + path, i, lambda w, e=e: w[e].T)
+                plan += [(_expert_names(i, e, which), BLOCK + path, i, lambda w, e=e: w[e].T)
                          for e in range(cfg.moe.num_experts)]
     return plan
 
@@ -176,17 +152,11 @@ def export_plan(cfg: DecoderConfig) -> list[tuple[str, str, int | None, callable
 def hf_config(cfg: DecoderConfig, dtype) -> dict:
     """The ``config.json`` of :func:`to_hf`: ``mixtral`` with experts, else ``mistral`` when there
     is a sliding window (Llama has none), else ``llama``."""
-    d, moe = cfg.d_model, cfg.moe
+    moe = cfg.moe
     model_type = "mixtral" if moe is not None else "mistral" if cfg.sliding_window is not None else "llama"
     arch = {"mixtral": "MixtralForCausalLM", "mistral": "MistralForCausalLM", "llama": "LlamaForCausalLM"}
-    hf = {
-        "model_type": model_type, "architectures": [arch[model_type]],
-        "vocab_size": cfg.vocab_size, "hidden_size": d, "intermediate_size": moe.d_ff if moe else cfg.d_ff,
-        "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim, "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta, "tie_word_embeddings": cfg.tie_embeddings, "hidden_act": "silu",
-        "dtype": np.dtype(dtype).name,
-    }
+    hf = {"model_type": model_type, "architectures": [arch[model_type]],
+          "intermediate_size": moe.d_ff if moe else cfg.d_ff, **common_hf_config(cfg, dtype)}
     if model_type != "llama":
         hf["sliding_window"] = cfg.sliding_window
     else:
@@ -200,10 +170,13 @@ def hf_config(cfg: DecoderConfig, dtype) -> dict:
 def _check_exportable(cfg: DecoderConfig) -> None:
     if cfg.period != 1:
         raise ValueError(f"HF export needs every layer alike (Mixtral / Llama); got moe_every={cfg.moe_every}")
-    if cfg.moe_extra_mlp or cfg.attn_scale is not None or cfg.activation != "swiglu":
+    if (cfg.moe_extra_mlp or cfg.attn_scale is not None or cfg.activation != "swiglu" or cfg.attention_bias != "none"
+            or cfg.qk_norm != "none" or cfg.qkv_clip is not None):
         raise ValueError("HF export writes Mixtral / Mistral / Llama; this model has "
                          f"moe_extra_mlp={cfg.moe_extra_mlp}, attn_scale={cfg.attn_scale}, "
-                         f"activation={cfg.activation!r} (needs False, None, 'swiglu')")
+                         f"activation={cfg.activation!r}, attention_bias={cfg.attention_bias!r}, "
+                         f"qk_norm={cfg.qk_norm!r}, qkv_clip={cfg.qkv_clip} (needs False, None, 'swiglu', 'none', "
+                         "'none', None)")
     moe = cfg.moe
     if moe is not None and (moe.activation != "swiglu" or moe.weight_norm != "topk" or not moe.dropless
                             or moe.num_shared_experts or moe.router_bias or moe.use_bias):
@@ -218,27 +191,5 @@ def to_hf(model: Decoder, path: str, *, dtype=None, max_shard_bytes: int = MAX_S
     tensors' dtype (default: the parameters')."""
     cfg = model.cfg
     _check_exportable(cfg)
-    params = {"/".join(map(str, p)): v for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-    arrays = {name: (var.get_value() if hasattr(var, "get_value") else var.value) for name, var in params.items()}
-    dtype = np.dtype(dtype) if dtype is not None else np.dtype(arrays["embed/embedding"].dtype)
-    plan = export_plan(cfg)
-
-    def part(path, layer):
-        a = arrays[path]
-        return jax.ShapeDtypeStruct(a.shape[1:] if layer is not None else a.shape, a.dtype)
-
-    shapes = [(name, tuple(jax.eval_shape(fn, part(p, i)).shape), dtype) for name, p, i, fn in plan]
-    writer = ShardedWriter(path, shapes, max_shard_bytes)
-    cached = (None, None)
-    try:
-        for name, p, i, fn in plan:
-            if cached[0] != (p, i):
-                a = arrays[p]
-                cached = ((p, i), np.asarray(jax.device_get(a[i] if i is not None else a)))
-            writer.write(name, np.asarray(fn(cached[1])).astype(dtype))
-    except BaseException:
-        writer.close(complete=False)
-        raise
-    writer.close()
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(hf_config(cfg, dtype), f, indent=2)
+    write_decoder(model, path, export_plan(cfg), lambda dt: hf_config(cfg, dt), dtype=dtype,
+                  max_shard_bytes=max_shard_bytes)

@@ -9,6 +9,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from moejax.models.attend import check_impl
+from moejax.models.layers import check_qk_norm
 from moejax.models.remat import check_remat
 from moejax.moe import MoeConfig
 
@@ -25,6 +26,12 @@ class DecoderConfig:
     ``num_layers`` must be a multiple of ``moe_every``. ``remat``: the scanned periods'
     rematerialisation policy (:mod:`moejax.models.remat`); ``attention_impl`` / ``attention_chunk``:
     the attention kernel (:mod:`moejax.models.attend`).
+
+    Attention variants (see :class:`moejax.models.layers.Attention`): ``attention_bias`` ``'none'``,
+    ``'qkv'`` (q, k, v biased: Qwen2-MoE) or ``'all'`` (q, k, v and o); ``qk_norm`` ``'none'``,
+    ``'head'`` (per-head RMSNorm of q and k: Qwen3-MoE) or ``'full'`` (over the whole projection:
+    OLMoE), eps ``norm_eps``; ``qkv_clip`` (OLMoE's ``clip_qkv``). ``head_dim`` is free:
+    ``num_heads * head_dim`` need not equal ``d_model`` (Qwen3-MoE: 32 x 128 on d_model 2048).
     """
 
     vocab_size: int = 256
@@ -39,6 +46,9 @@ class DecoderConfig:
     rope_theta: float = 10000.0
     sliding_window: int | None = None
     attn_scale: float | None = None
+    attention_bias: str = "none"
+    qk_norm: str = "none"
+    qkv_clip: float | None = None
     tie_embeddings: bool = False
     moe: MoeConfig | None = None
     moe_every: int = 1
@@ -73,11 +83,19 @@ class DecoderConfig:
             raise ValueError(f"num_layers={self.num_layers} is not a multiple of moe_every={self.moe_every}")
         check_remat(self.remat)
         check_impl(self.attention_impl, self.attention_chunk)
+        check_qk_norm(self.qk_norm)
+        if self.attention_bias not in ATTENTION_BIASES:
+            raise ValueError(f"unknown attention_bias {self.attention_bias!r}; valid: {', '.join(ATTENTION_BIASES)}")
+        if self.qkv_clip is not None and not self.qkv_clip > 0:
+            raise ValueError(f"qkv_clip must be > 0 or None, got {self.qkv_clip}")
         if self.moe is not None:
             self.moe.validate()
             if self.moe.d_model != self.d_model:
                 raise ValueError(f"moe.d_model={self.moe.d_model} must equal d_model={self.d_model}")
         return self
+
+
+ATTENTION_BIASES = ("none", "qkv", "all")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,7 +25,9 @@ class DecoderBlock(nnx.Module):
         self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
         self.attn = Attention(cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, rope_theta=cfg.rope_theta,
                               sliding_window=cfg.sliding_window, scale=cfg.attn_scale, impl=cfg.attention_impl,
-                              chunk=cfg.attention_chunk, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+                              chunk=cfg.attention_chunk, use_bias=cfg.attention_bias != "none",
+                              out_bias=cfg.attention_bias == "all", qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps,
+                              qkv_clip=cfg.qkv_clip, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
         self.ffn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
         self.sparse = sparse
         self.ffn = MoeLayer(cfg.moe, rngs=rngs) if sparse else DenseFFN(

@@ -21,8 +21,8 @@ def param(rngs, init, shape, dtype, axes):
 class RMSNorm(nnx.Module):
     """``x * rsqrt(mean(x^2) + eps) * scale``, variance in float32 (T5 / Llama / Mixtral)."""
 
-    def __init__(self, d: int, *, eps: float = 1e-6, param_dtype=jnp.float32):
-        self.scale = nnx.Param(jnp.ones((d,), param_dtype), logical_axes=("embed",))
+    def __init__(self, d: int, *, eps: float = 1e-6, param_dtype=jnp.float32, axis: str | None = "embed"):
+        self.scale = nnx.Param(jnp.ones((d,), param_dtype), logical_axes=(axis,))
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -92,6 +92,14 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return (x * cos[:, :, None, :] + rot * sin[:, :, None, :]).astype(x.dtype)
 
 
+QK_NORMS = ("none", "head", "full")
+
+
+def check_qk_norm(qk_norm: str) -> None:
+    if qk_norm not in QK_NORMS:
+        raise ValueError(f"unknown qk_norm {qk_norm!r}; valid: {', '.join(QK_NORMS)}")
+
+
 class Attention(nnx.Module):
     """Multi-head / grouped-query attention, the one attention module of every family.
 
@@ -103,13 +111,21 @@ class Attention(nnx.Module):
     or ``normal`` as T5 / fairseq). Scores are ``q.k * scale`` (default ``x^-0.5``; T5 and T5X-trained
     OpenMoE use 1.0) plus ``bias``, soft-maxed in float32, by the kernel ``impl`` (``xla``,
     ``chunked`` in query blocks of ``chunk``, ``dot_product``, ``auto``: :mod:`moejax.models.attend`).
+
+    Projection variants of today's decoder families: ``use_bias`` biases q, k, v and (unless
+    ``out_bias=False``: Qwen2-MoE) o; ``qk_norm`` RMS-normalises queries and keys before RoPE,
+    ``'head'`` over each head's ``x`` dims (Qwen3-MoE; scales ``[x]``) or ``'full'`` over the whole
+    projection (OLMoE; scales ``[h*x]`` and ``[j*x]``), with ``norm_eps``; ``qkv_clip`` clamps q, k
+    and v to ``[-c, c]`` after the norms (OLMoE's ``clip_qkv``).
     """
 
     def __init__(self, d: int, num_heads: int, num_kv_heads: int, head_dim: int, *, use_bias: bool = False,
                  rope_theta: float | None = 10000.0, sliding_window: int | None = None, scale: float | None = None,
-                 init: str = "truncated_normal", impl: str = "xla", chunk: int = 512, dtype=jnp.float32,
+                 init: str = "truncated_normal", impl: str = "xla", chunk: int = 512, out_bias: bool | None = None,
+                 qk_norm: str = "none", norm_eps: float = 1e-6, qkv_clip: float | None = None, dtype=jnp.float32,
                  param_dtype=jnp.float32, rngs: nnx.Rngs):
         check_impl(impl, chunk)
+        check_qk_norm(qk_norm)
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}")
         qinit = nnx.initializers.variance_scaling(1.0, "fan_in", init, in_axis=0, out_axis=(1, 2))
@@ -119,12 +135,19 @@ class Attention(nnx.Module):
         oinit = nnx.initializers.variance_scaling(1.0, "fan_in", init, in_axis=(0, 1), out_axis=2)
         self.o = param(rngs, oinit, (num_heads, head_dim, d), param_dtype, ("heads", "kv", "embed"))
         self.use_bias = use_bias
+        self.out_bias = use_bias if out_bias is None else bool(out_bias and use_bias)
+        z = nnx.initializers.zeros
         if use_bias:
-            z = nnx.initializers.zeros
             self.q_bias = param(rngs, z, (num_heads, head_dim), param_dtype, ("heads", "kv"))
             self.k_bias = param(rngs, z, (num_kv_heads, head_dim), param_dtype, ("heads", "kv"))
             self.v_bias = param(rngs, z, (num_kv_heads, head_dim), param_dtype, ("heads", "kv"))
+        if self.out_bias:
             self.o_bias = param(rngs, z, (d,), param_dtype, ("embed",))
+        self.qk_norm, self.qkv_clip = qk_norm, qkv_clip
+        if qk_norm != "none":
+            qd, kd = (head_dim, head_dim) if qk_norm == "head" else (num_heads * head_dim, num_kv_heads * head_dim)
+            self.q_norm = RMSNorm(qd, eps=norm_eps, param_dtype=param_dtype, axis="kv")
+            self.k_norm = RMSNorm(kd, eps=norm_eps, param_dtype=param_dtype, axis="kv")
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.rope_theta, self.sliding_window, self.dtype = rope_theta, sliding_window, dtype
         self.scale = head_dim**-0.5 if scale is None else float(scale)
@@ -152,6 +175,14 @@ class Attention(nnx.Module):
         v = jnp.einsum("bmd,djx->bmjx", src, self.v[...].astype(dt))
         if self.use_bias:
             q, k, v = q + self.q_bias[...].astype(dt), k + self.k_bias[...].astype(dt), v + self.v_bias[...].astype(dt)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        elif self.qk_norm == "full":
+            q = self.q_norm(q.reshape(q.shape[:2] + (-1,))).reshape(q.shape)
+            k = self.k_norm(k.reshape(k.shape[:2] + (-1,))).reshape(k.shape)
+        if self.qkv_clip is not None:
+            c = self.qkv_clip
+            q, k, v = jnp.clip(q, -c, c), jnp.clip(k, -c, c), jnp.clip(v, -c, c)
         if self.rope_theta is not None:
             cos, sin = rope_tables(positions, self.head_dim, self.rope_theta)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -181,7 +212,7 @@ class Attention(nnx.Module):
             mask = mask[:, None]                                            # [b, 1, s|1, m]
         out = attend(q, k, v, mask=mask, bias=bias, scale=self.scale, dtype=dt, impl=self.impl, chunk=self.chunk)
         y = jnp.einsum("bshx,hxd->bsd", out, self.o[...].astype(dt))
-        if self.use_bias:
+        if self.out_bias:
             y = y + self.o_bias[...].astype(dt)
         return y if cache is None else (y, cache)
 

@@ -75,6 +75,8 @@ def count(model: nnx.Module) -> ParamReport:
             walk(module.router, frac, "router")
             if module.shared is not None:
                 walk(module.shared, frac, "shared_experts")
+            for _, var in _own_params(module):            # the shared experts' gate
+                add("shared_experts", var, frac)
             mc = module.cfg
             walk(module.experts, frac * min(mc.top_k, mc.num_experts) / mc.num_experts, "experts")
             return

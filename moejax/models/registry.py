@@ -2,7 +2,7 @@
 
 ``get_config(name)`` returns a validated :class:`DecoderConfig` or :class:`EncDecConfig`; unknown
 names raise a ValueError that lists the valid ones. Sizes follow REFERENCE.md (Switch: Fedus et
-al. and the released t5x gins; Mixtral / Llama / Mistral: the HF configs).
+al. and the released t5x gins; Mixtral / Llama / Mistral / Qwen-MoE / OLMoE: the HF configs).
 """
 
 from __future__ import annotations
@@ -35,6 +35,19 @@ def _openmoe(d, f, layers, heads, head_dim, experts, every, vocab=256384) -> Dec
     return DecoderConfig(vocab_size=vocab, d_model=d, num_layers=layers, num_heads=heads, num_kv_heads=heads,
                          head_dim=head_dim, d_ff=f, activation=act, norm_eps=1e-6, rope_theta=1e4, attn_scale=1.0,
                          moe=moe, moe_every=every, moe_extra_mlp=True)
+
+
+def _qwen_moe(d, layers, heads, kv, experts, k, moe_ff, dense_ff, vocab=151936, head_dim=128, shared_ff=0,
+              norm_topk=False, qk_norm="none", attention_bias="none", eps=1e-6, theta=1e6) -> DecoderConfig:
+    # Qwen1.5/Qwen2-MoE (shared expert with a sigmoid gate, q/k/v biases, top-k softmax weights not
+    # renormalised), Qwen3-MoE (per-head QK-norm, renormalised top-8) and OLMoE (QK-norm over the
+    # whole projection): dropless softmax top-k routers over SwiGLU experts, every layer sparse
+    moe = MoeConfig(num_experts=experts, d_model=d, d_ff=moe_ff, top_k=k, weight_norm="topk" if norm_topk else "none",
+                    dropless=True, activation="swiglu", num_shared_experts=1 if shared_ff else 0,
+                    shared_d_ff=shared_ff or None, shared_gate=bool(shared_ff))
+    return DecoderConfig(vocab_size=vocab, d_model=d, num_layers=layers, num_heads=heads, num_kv_heads=kv,
+                         head_dim=head_dim, d_ff=dense_ff, norm_eps=eps, rope_theta=theta,
+                         attention_bias=attention_bias, qk_norm=qk_norm, moe=moe, moe_every=1)
 
 
 def _t5(d, f, heads, layers, dec_layers=None, experts=0, every=2, act="relu", group=8192, cf_train=1.25,
@@ -92,7 +105,24 @@ REGISTRY: dict[str, Callable[[], DecoderConfig | EncDecConfig]] = {
     "openmoe_base": lambda: _openmoe(768, 2048, 12, 12, 64, 16, 4),
     "openmoe_8b": lambda: _openmoe(2048, 8192, 24, 24, 128, 32, 6),
     "openmoe_34b": lambda: _openmoe(3072, 12288, 32, 24, 128, 32, 4),
+    # Qwen1.5-MoE-A2.7B: 60 experts top-4 + a gated shared expert (4 x 1408), 14.32B / 2.69B active
+    "qwen1_5_moe_a2_7b": lambda: _qwen_moe(2048, 24, 16, 16, 60, 4, 1408, 5632, shared_ff=5632,
+                                           attention_bias="qkv"),
+    # Qwen2-57B-A14B: 64 experts top-8 + a gated shared expert of 20480, 57.41B / 14.25B active
+    "qwen2_57b_a14b": lambda: _qwen_moe(3584, 28, 28, 4, 64, 8, 2560, 18944, shared_ff=20480, attention_bias="qkv"),
+    # Qwen3-30B-A3B / 235B-A22B: 128 experts top-8 renormalised, per-head QK-norm, head_dim 128
+    "qwen3_30b_a3b": lambda: _qwen_moe(2048, 48, 32, 4, 128, 8, 768, 6144, norm_topk=True, qk_norm="head"),
+    "qwen3_235b_a22b": lambda: _qwen_moe(4096, 94, 64, 4, 128, 8, 1536, 12288, norm_topk=True, qk_norm="head"),
+    # OLMoE-1B-7B-0924: 64 experts top-8, QK-norm over the whole projection, 6.92B / 1.28B active
+    "olmoe_1b_7b": lambda: _qwen_moe(2048, 16, 16, 16, 64, 8, 1024, 1024, vocab=50304, qk_norm="full", eps=1e-5,
+                                     theta=1e4),
     # tiny configs for tests and CPU runs
+    "tiny_qwen2_moe": lambda: _qwen_moe(64, 2, 4, 2, 8, 2, 32, 128, vocab=256, head_dim=16, shared_ff=64,
+                                        attention_bias="qkv"),
+    "tiny_qwen3_moe": lambda: _qwen_moe(64, 2, 4, 2, 8, 2, 32, 128, vocab=256, head_dim=32, norm_topk=True,
+                                        qk_norm="head"),
+    "tiny_olmoe": lambda: _qwen_moe(64, 2, 4, 4, 8, 2, 32, 32, vocab=256, head_dim=16, qk_norm="full", eps=1e-5,
+                                    theta=1e4),
     "tiny_openmoe": lambda: _openmoe(64, 64, 4, 4, 16, 4, 2, vocab=256),
     "tiny_mixtral": lambda: _mixtral(64, 128, 2, 4, 2, 256, experts=4),
     "tiny_llama": lambda: _llama(64, 256, 2, 4, 2, 256),

@@ -70,7 +70,8 @@ class MoeConfig:
       d_model, d_ff, activation, use_bias, expert_dropout (dropout on the expert hidden layer in
       training), eom_rate (NLLB "expert output masking" as transformers implements it: element-wise
       inverted dropout on each expert's output in training, outputs scaled by ``1 - eom_rate`` in
-      eval), num_shared_experts / shared_d_ff (always-on dense experts added to the output),
+      eval), num_shared_experts / shared_d_ff (always-on dense experts added to the output;
+      ``shared_gate``: scaled per token by ``sigmoid(x . w)``, a learned ``[d, 1]`` gate: Qwen2-MoE),
       inner (an :class:`MoeConfig` making every expert itself an MoE layer: hierarchical MoE),
       expert_map (merged experts: a tuple with one entry per router output, router output ``i``
       being served by physical expert ``expert_map[i]``; the router keeps ``len(expert_map)``
@@ -118,6 +119,7 @@ class MoeConfig:
     eom_rate: float = 0.0
     num_shared_experts: int = 0
     shared_d_ff: int | None = None
+    shared_gate: bool = False
     inner: MoeConfig | None = None
     expert_map: tuple | None = None
     quant_bits: int | None = None
@@ -184,6 +186,8 @@ class MoeConfig:
             raise ValueError(f"jitter_eps must be in [0, 1), got {self.jitter_eps}")
         if self.num_shared_experts < 0:
             raise ValueError(f"num_shared_experts must be >= 0, got {self.num_shared_experts}")
+        if self.shared_gate and not self.num_shared_experts:
+            raise ValueError("shared_gate=True gates the shared experts, but num_shared_experts=0")
         if self.d_model < 1 or self.d_ff < 1:
             raise ValueError(f"d_model and d_ff must be >= 1, got {self.d_model}, {self.d_ff}")
         if self.inner is not None:

@@ -121,7 +121,8 @@ class MoeLayer(nnx.Module):
 
     Parts: ``router`` (a :class:`moejax.moe.routing.Router` chosen by ``cfg.router``), ``experts``
     (:class:`moejax.moe.experts.Experts`, or a stack of inner MoE layers when ``cfg.inner`` is set),
-    ``shared`` (always-on experts or None) and a dispatch backend chosen by ``cfg.backend``
+    ``shared`` (always-on experts or None; ``shared_gate [d, 1]`` their sigmoid gate or None) and a
+    dispatch backend chosen by ``cfg.backend``
     (:mod:`moejax.moe.factory` makes both).
 
     RNG streams (from the ``rngs`` given at construction, or per call): ``jitter`` (router
@@ -150,6 +151,10 @@ class MoeLayer(nnx.Module):
                      param_dtype=cfg.param_dtype, rngs=rngs)
             if cfg.num_shared_experts else None
         )
+        self.shared_gate = nnx.Param(
+            nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")(
+                rngs.params(), (cfg.d_model, 1), cfg.param_dtype),
+            logical_axes=("embed", None)) if cfg.shared_gate else None
         self.rngs = rngs
 
     def capacity(self, tokens_per_group: int, deterministic: bool) -> int:
@@ -213,7 +218,11 @@ class MoeLayer(nnx.Module):
         call = self._expert_call(deterministic, rngs)
         y = self.backend(xg, plan, call).reshape(b, s, d)
         if self.shared is not None:
-            y = y + self.shared(x.astype(cfg.dtype)).astype(y.dtype)
+            xs = x.astype(cfg.dtype)
+            shared = self.shared(xs)
+            if self.shared_gate is not None:
+                shared = jax.nn.sigmoid(xs @ self.shared_gate[...].astype(cfg.dtype)) * shared
+            y = y + shared.astype(y.dtype)
         if isinstance(call, HierarchicalCall):          # the inner layers' losses, averaged over the experts
             losses = losses + call.losses
         stats = _stats(plan, losses, mask, s, self.backend.capacity_used(plan))

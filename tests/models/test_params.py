@@ -40,6 +40,8 @@ def closed_form(cfg):
         return closed_form_encdec(cfg)
     d, h, k, x, v = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size
     attn = d * h * x * 2 + d * k * x * 2
+    attn += {"none": 0, "qkv": (h + 2 * k) * x, "all": (h + 2 * k) * x + d}[cfg.attention_bias]
+    attn += {"none": 0, "head": 2 * x, "full": (h + k) * x}[cfg.qk_norm]
     norms = 2 * d
     mats = {"swiglu": 3, "split-swiglu": 4}.get(cfg.activation, 2)
     emb = v * d * (1 if cfg.tie_embeddings else 2)
@@ -52,6 +54,7 @@ def closed_form(cfg):
             e, f, kk = cfg.moe.num_experts, cfg.moe.d_ff, cfg.moe.top_k
             experts = e * mats * d * f
             extra = (mats * d * cfg.d_ff + d) if cfg.moe_extra_mlp else 0
+            extra += mats * d * (cfg.moe.shared_d_ff or f) * cfg.moe.num_shared_experts + d * cfg.moe.shared_gate
             total += experts + d * e + extra
             active += experts * kk / e + d * e + extra
         else:
@@ -86,6 +89,13 @@ def test_counts_match_closed_form(name):
     # 10.8B in the blocks (+1.05B untied embeddings); the paper's 8.7B / 2.1B assumes a smaller MLP.
     ("openmoe_8b", 11.855e9, 3.802e9),
     ("openmoe_base", 0.7997e9, 0.5354e9),       # REFERENCE.md 1.2: 54.5B, "≈3.7B" active with top-2
+    # published (model cards) / computed from the HF configs: Qwen1.5-MoE 14.3B / 2.7B (14.316B / 2.689B),
+    # Qwen2-57B-A14B 57B / 14B, Qwen3 30.5B / 3.3B and 235B / 22B, OLMoE 6.9B / 1.3B (6.919B / 1.282B)
+    ("qwen1_5_moe_a2_7b", 14.316e9, 2.689e9),
+    ("qwen2_57b_a14b", 57.409e9, 14.249e9),
+    ("qwen3_30b_a3b", 30.532e9, 3.353e9),
+    ("qwen3_235b_a22b", 235.094e9, 22.191e9),
+    ("olmoe_1b_7b", 6.919e9, 1.282e9),
 ])
 def test_published_counts(name, total, active):
     rep = report(get_config(name))
