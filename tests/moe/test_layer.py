@@ -284,20 +284,24 @@ def test_hierarchical_moe(backend):
     layer = build(top_k=1, inner=inner, backend=backend, capacity_factor_eval=4.0)
     assert layer.experts.experts.wi[...].shape == (4, 2, D, F)
     x = inputs()
-    y, stats = layer(x, deterministic=True)
+    y, stats = nnx.jit(lambda m, x: m(x, deterministic=True))(layer, x)
     # reference: outer top-1 routing, then each token goes through its outer expert's inner MoE
-    xf = x.reshape(-1, D)
-    p = jax.nn.softmax(xf @ layer.router.kernel[...])
-    outer = np.asarray(jnp.argmax(p, -1))
-    expected = np.zeros_like(np.asarray(xf))
+    xf = np.asarray(x.reshape(-1, D), np.float64)          # in numpy: a per-token loop, not per-token jax ops
+
+    def softmax(z):
+        z = np.exp(z - z.max(-1, keepdims=True))
+        return z / z.sum(-1, keepdims=True)
+
+    p = softmax(xf @ np.asarray(layer.router.kernel[...]))
+    outer = np.argmax(p, -1)
+    inner_k = np.asarray(layer.experts.router.kernel[...])
+    wis, wos = np.asarray(layer.experts.experts.wi[...]), np.asarray(layer.experts.experts.wo[...])
+    expected = np.zeros_like(xf)
     for i in range(xf.shape[0]):
         ex = outer[i]
-        r = layer.experts.router.kernel[...][ex]
-        q = jax.nn.softmax(xf[i] @ r)
-        ie = int(jnp.argmax(q))
-        wi = layer.experts.experts.wi[...][ex, ie]
-        wo = layer.experts.experts.wo[...][ex, ie]
-        expected[i] = p[i, ex] * q[ie] * (jax.nn.relu(xf[i] @ wi) @ wo)
+        q = softmax(xf[i] @ inner_k[ex])
+        ie = int(np.argmax(q))
+        expected[i] = p[i, ex] * q[ie] * (np.maximum(xf[i] @ wis[ex, ie], 0) @ wos[ex, ie])
     np.testing.assert_allclose(np.asarray(y).reshape(-1, D), expected, atol=1e-5)
     assert float(stats.load_balancing_loss) > 1.0  # outer + mean inner
     g = nnx.grad(lambda m, x: jnp.sum(m(x, deterministic=False)[0]), argnums=1)(layer, x)
