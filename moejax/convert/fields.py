@@ -82,6 +82,15 @@ class FieldTable:
 
 TRAINING_ONLY = "training regularisation or loss weight: moejax's trainer takes its own"
 
+#: Inert in every decoder-only family (Mixtral / Llama / Mistral, Qwen-MoE, OLMoE).
+DECODER_INERT: Mapping[str, str] = {
+    "max_position_embeddings": "plain RoPE does not depend on it (scaled RoPE is refused)",
+    "pad_token_id": "the pad id only matters to the tokenizer and the loss mask",
+    "decoder_start_token_id": "a decoder-only model has no decoder start",
+    "attention_dropout": TRAINING_ONLY, "router_aux_loss_coef": TRAINING_ONLY,
+    "output_router_logits": "an output option",
+}
+
 
 def rope_theta(hf: Mapping, default: float, family: str) -> float:
     """RoPE base frequency from a transformers 4.x (``rope_theta``, ``rope_scaling``) or 5.x

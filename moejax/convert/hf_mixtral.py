@@ -20,7 +20,7 @@ from moejax.convert.decoder_io import (
     read_model_level,
     write_decoder,
 )
-from moejax.convert.fields import TRAINING_ONLY, FieldTable, rope_theta
+from moejax.convert.fields import DECODER_INERT, FieldTable, rope_theta
 from moejax.convert.load import build_from_hf
 from moejax.convert.mapping import Source, WeightReader, tied_head
 from moejax.convert.safetensors_io import MAX_SHARD_BYTES
@@ -44,11 +44,7 @@ FIELDS = FieldTable(
         "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters",
         "sliding_window", "tie_word_embeddings", "num_local_experts", "num_experts_per_tok", "router_jitter_noise"}),
     inert={
-        "max_position_embeddings": "plain RoPE does not depend on it (scaled RoPE is refused)",
-        "pad_token_id": "the pad id only matters to the tokenizer and the loss mask",
-        "decoder_start_token_id": "a decoder-only model has no decoder start",
-        "attention_dropout": TRAINING_ONLY, "router_aux_loss_coef": TRAINING_ONLY,
-        "output_router_logits": "an output option",
+        **DECODER_INERT,
         "pretraining_tp": "splits the projections into slices and sums them: the same numbers",
     },
     fixed={"hidden_act": ("silu",), "attention_bias": (False, None), "mlp_bias": (False, None),

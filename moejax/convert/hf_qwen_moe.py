@@ -31,7 +31,7 @@ from moejax.convert.decoder_io import (
     read_model_level,
     write_decoder,
 )
-from moejax.convert.fields import TRAINING_ONLY, FieldTable, rope_theta
+from moejax.convert.fields import DECODER_INERT, FieldTable, rope_theta
 from moejax.convert.load import build_from_hf
 from moejax.convert.mapping import Source, WeightReader, tied_head
 from moejax.convert.safetensors_io import MAX_SHARD_BYTES
@@ -64,11 +64,7 @@ FIELDS = FieldTable(
         "moe_intermediate_size", "shared_expert_intermediate_size", "decoder_sparse_step", "mlp_only_layers",
         "qkv_bias", "attention_bias", "clip_qkv"}),
     inert={
-        "max_position_embeddings": "plain RoPE does not depend on it (scaled RoPE is refused)",
-        "pad_token_id": "the pad id only matters to the tokenizer and the loss mask",
-        "decoder_start_token_id": "a decoder-only model has no decoder start",
-        "attention_dropout": TRAINING_ONLY, "router_aux_loss_coef": TRAINING_ONLY,
-        "output_router_logits": "an output option",
+        **DECODER_INERT,
         "sliding_window": _SLIDING_OFF, "max_window_layers": _SLIDING_OFF, "layer_types": _SLIDING_OFF,
     },
     fixed={"hidden_act": ("silu",), "use_sliding_window": (False, None), "mlp_bias": (False, None)},

@@ -17,6 +17,7 @@ from moejax.convert import from_hf  # noqa: E402
 from moejax.convert.hf_losses import mixtral_aux_loss  # noqa: E402
 from moejax.convert.hf_qwen_moe import config_from_hf, to_hf  # noqa: E402
 from moejax.inference.decode import generate  # noqa: E402
+from tests.convert.test_real_checkpoints import hf_greedy  # noqa: E402
 
 IDS = np.random.default_rng(3).integers(0, 96, (2, 12))
 STEPS = 5
@@ -56,14 +57,6 @@ def perturbed(model):
 def hf_logits(model, ids):
     with torch.no_grad():
         return model(input_ids=torch.tensor(ids)).logits.numpy()
-
-
-def hf_greedy(model, ids, n):
-    x = torch.tensor(ids)
-    with torch.no_grad():
-        for _ in range(n):
-            x = torch.cat([x, model(input_ids=x).logits[:, -1].argmax(-1)[:, None]], 1)
-    return x.numpy()
 
 
 CASES = {
