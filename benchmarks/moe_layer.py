@@ -25,7 +25,8 @@ f=d/2), fwd+bwd and forward-only of the dropless layer with each backend against
 dense FFN, the experts alone at the mean load (the useful FLOPs, a floor), the largest expert
 load and the capacity the ``bucket`` backend chose; and, when torch and transformers are
 installed, Hugging Face's ``MixtralSparseMoeBlock`` forward (2 torch threads) on the same tokens
-with the same weights (its output is checked against moejax's).
+with the same weights (its output is checked against moejax's: ``|y_hf - y| / |y|``); on a GPU
+HF's block runs on CUDA in the layer's dtype (``--no_hf`` leaves it out).
 """
 
 from __future__ import annotations
@@ -43,9 +44,9 @@ from moejax.moe import MoeConfig, MoeLayer
 from moejax.moe.experts import DenseFFN, ffn_matrices
 
 
-def matmul_peak(n: int = 2048, reps: int = 5) -> float:
-    """GFLOP/s of an ``n^3`` float32 matmul, best of 3 rounds (a peak, not a typical speed)."""
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+def matmul_peak(n: int = 2048, reps: int = 5, dtype="float32") -> float:
+    """GFLOP/s of an ``n^3`` matmul in ``dtype``, best of 3 rounds (a peak, not a typical speed)."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.dtype(dtype))
     f = jax.jit(lambda a: a @ a)
     return 2 * n**3 / interleaved({"mm": (f, (a,))}, rounds=3, reps=reps)["mm"] / 1e9
 
@@ -88,8 +89,10 @@ def experts_floor(e, k, cf, tokens, d, f, args):
     return fwd_bwd(experts, lambda m, x: m(x)), (buf, cot)
 
 
-def hf_block(layer, e, k, d, f):
-    """HF's ``MixtralSparseMoeBlock`` holding ``layer``'s weights, or None without torch/transformers."""
+def hf_block(layer, e, k, d, f, device="cpu"):
+    """HF's ``MixtralSparseMoeBlock`` holding ``layer``'s weights (in the layer's dtype, on torch
+    ``device``), or None without torch/transformers. Both expert layouts: transformers 4's
+    per-expert ``w1/w3/w2`` and transformers 5's fused ``gate_up_proj [E, 2f, d]`` / ``down_proj [E, d, f]``."""
     try:
         import numpy as np
         import torch
@@ -102,23 +105,40 @@ def hf_block(layer, e, k, d, f):
                         router_jitter_noise=0.0)
     block = MixtralSparseMoeBlock(cfg).eval()
     t = lambda a: torch.from_numpy(np.array(a, np.float32))
+    wi0, wi1, wo = (t(getattr(layer.experts, n)[...]) for n in ("wi_0", "wi_1", "wo"))   # [E, d, f], [E, f, d]
     with torch.no_grad():
         block.gate.weight.copy_(t(layer.router.kernel[...]).T)
-        for i, ex in enumerate(block.experts):
-            ex.w1.weight.copy_(t(layer.experts.wi_0[...][i]).T)
-            ex.w3.weight.copy_(t(layer.experts.wi_1[...][i]).T)
-            ex.w2.weight.copy_(t(layer.experts.wo[...][i]).T)
-    return block
+        if hasattr(block.experts, "gate_up_proj"):
+            block.experts.gate_up_proj.copy_(torch.cat([wi0.transpose(1, 2), wi1.transpose(1, 2)], 1))
+            block.experts.down_proj.copy_(wo.transpose(1, 2))
+        else:
+            for i, ex in enumerate(block.experts):
+                ex.w1.weight.copy_(wi0[i].T)
+                ex.w3.weight.copy_(wi1[i].T)
+                ex.w2.weight.copy_(wo[i].T)
+    block.gate.float()                               # the router stays f32, as moejax's
+    return block.to(device=device, dtype=getattr(torch, str(layer.experts.wo[...].dtype)))
 
 
 def torch_forward(block):
-    """``x -> numpy`` forward of a torch block under ``no_grad`` (synchronous on CPU)."""
+    """``x -> torch tensor`` forward of a torch block under ``no_grad``, synchronised (CUDA too);
+    ``x`` is moved to the block's device and dtype once (the copy is not timed)."""
     import numpy as np
     import torch
 
+    p = next(block.experts.parameters())
+    cache = {}
+
     def fn(x):
+        if id(x) not in cache:
+            cache.clear()
+            cache[id(x)] = torch.from_numpy(np.array(x, np.float32)).to(device=p.device, dtype=p.dtype)
         with torch.no_grad():
-            return block(torch.from_numpy(np.array(x, np.float32)))[0].numpy()
+            y = block(cache[id(x)])
+        y = y[0] if isinstance(y, tuple) else y
+        if p.device.type == "cuda":
+            torch.cuda.synchronize()
+        return y
 
     return fn
 
@@ -160,7 +180,7 @@ def run_dropless(args):
             grads[backend] = (fwd_bwd(layer, lambda m, x: m(x, deterministic=True)[0]), (x, cot))
             fwds[backend] = (jax.jit(lambda x, m=layer: m(x, deterministic=True)[0]), (x,))
         layer = layers.get("bucket") or next(iter(layers.values()))
-        block = hf_block(layer, e, k, d, f)
+        block = hf_block(layer, e, k, d, f, device="cpu" if on_cpu else "cuda") if args.hf else None
         if block is not None:                     # timed in the same rounds as moejax's forwards
             fwds["hf"] = (torch_forward(block), (x,))
         tg = interleaved(grads, rounds=args.rounds, reps=args.reps)
@@ -175,13 +195,15 @@ def run_dropless(args):
             name = {"gather": "gather (C = t)"}.get(key, key)
             row(key, name, f"{int(st.max_expert_load) / mean:.2f}", f"{int(st.capacity_used)}")
         if block is not None:
-            y_hf = fwds["hf"][0](x)
+            y_hf = jnp.asarray(fwds["hf"][0](x).float().cpu().numpy())
             y = fwds["bucket" if "bucket" in fwds else next(iter(layers))][0](x)
-            err = float(jnp.max(jnp.abs(jnp.asarray(y_hf) - y)))
+            y = y.astype(jnp.float32)
+            err = float(jnp.linalg.norm((y_hf - y).ravel()) / jnp.linalg.norm(y.ravel()))
             hf_rows.append((e, k, f, tf["hf"], tf.get("bucket", float("nan")), tf["dense"], err))
     if hf_rows:
-        print("\n| E | k | f | HF MixtralSparseMoeBlock forward ms (2 torch threads) | moejax bucket forward ms | "
-              "moejax / HF | dense FFN forward ms | max abs diff |")
+        where = "2 torch threads" if on_cpu else "torch CUDA"
+        print(f"\n| E | k | f | HF MixtralSparseMoeBlock forward ms ({where}) | moejax bucket forward ms | "
+              "moejax / HF | dense FFN forward ms | rel. diff |")
         print("|---|---|---|---|---|---|---|---|")
         for e, k, f, t_hf, t_mx, t_dense, err in hf_rows:
             print(f"| {e} | {k} | {f} | {t_hf * 1e3:.0f} | {t_mx * 1e3:.0f} | {t_mx / t_hf:.2f} | "
@@ -195,14 +217,15 @@ def run(args):
     dt = jnp.dtype(args.dtype)
     x = jax.random.normal(jax.random.key(1), (tokens // args.seq, args.seq, d), dt)
     cot = jax.random.normal(jax.random.key(2), x.shape, dt)
-    peak = matmul_peak()
+    on_cpu = jax.devices()[0].platform == "cpu"
+    peak = matmul_peak(2048 if on_cpu else 8192, dtype=args.dtype)
     bw = copy_bandwidth()
     print(f"# MoE layer fwd+bwd, {tokens} tokens, groups of {min(tokens, args.group)}, d_model={d}, d_ff={f}, "
           f"{args.activation}, {args.dtype} params and compute (router f32), jax {jax.__version__} on "
-          f"{jax.devices()[0].device_kind}; f32 matmul peak {peak:.0f} GFLOP/s, copy bandwidth {bw / 1e9:.1f} GB/s\n")
+          f"{jax.devices()[0].device_kind}; {args.dtype} matmul peak {peak:.0f} GFLOP/s, "
+          f"copy bandwidth {bw / 1e9:.1f} GB/s\n")
     print("| E | k | cf | backend | MoE ms | dense ms | MoE/dense | dropped | useful GFLOP/s | of peak |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    on_cpu = jax.devices()[0].platform == "cpu"
     skipped = []
     n_mat = ffn_matrices(args.activation)          # d x f matrices per expert (2 plain, 3 gated)
     for k in args.top_k:
@@ -261,6 +284,8 @@ def main():
     p.add_argument("--ragged_max_experts_cpu", type=int, default=8,
                    help="on CPU, run the ragged backend only up to this many experts")
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--no_hf", dest="hf", action="store_false",
+                   help="--dropless: leave out HF's MixtralSparseMoeBlock (2 torch threads on CPU, CUDA on a GPU)")
     p.add_argument("--dropless", action="store_true", help="the dropless table (backends bucket, gather, ragged)")
     p.add_argument("--scaling", action="store_true",
                    help="E=128, k=2, cf=1.25, gather, one group of 4096, 8192 and 16384 tokens")

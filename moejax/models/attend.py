@@ -9,8 +9,11 @@ additive ``bias [1|b, h, s, m]`` (T5 relative positions); they return ``[b, s, h
 * ``chunked``: queries in blocks of ``chunk`` (``lax.map`` over blocks, each block under
   ``jax.checkpoint``), so forward and backward hold ``[b, h, chunk, m]`` scores instead of
   ``[b, h, s, m]``: exact, any mask / bias / window, any platform;
-* ``dot_product``: ``jax.nn.dot_product_attention`` (cuDNN flash attention on GPU where the shapes
-  allow, XLA otherwise);
+* ``dot_product``: ``jax.nn.dot_product_attention``, asked for cuDNN's fused flash attention on a
+  GPU with fp16/bf16 inputs where its shape rules allow (:func:`cudnn_eligible`; the boolean mask
+  and any bias go in as an additive bias), its XLA implementation otherwise (float32 on GPU, CPU,
+  TPU). jax's own default (``implementation=None``) is the XLA one even on a GPU, so the choice is
+  made here;
 * ``auto``: ``dot_product`` on GPU; elsewhere ``chunked`` when the queries exceed one chunk,
   else ``xla``. (TPU splash attention is not wired in yet: TPU uses ``chunked``.)
 """
@@ -88,11 +91,31 @@ def _chunked(q, k, v, mask, bias, scale, dtype, chunk):
     return jnp.moveaxis(out, 0, 1).reshape(b, n * chunk, h, x)[:, :s]
 
 
+def cudnn_eligible(q, k, bias_or_mask: bool = True) -> bool:
+    """Whether cuDNN's fused flash attention takes these shapes here: a GPU, fp16/bf16 inputs, a
+    head dim that is a multiple of 8 and at most 256 (Hopper and later) or 128, and — with a mask or
+    bias, which cuDNN adds to the scores — even query and key lengths (its backward needs them)."""
+    dev = jax.devices()[0]
+    if dev.platform != "gpu" or q.dtype not in (jnp.bfloat16, jnp.float16):
+        return False
+    x = q.shape[-1]
+    major = int(str(getattr(dev, "compute_capability", "0")).split(".")[0] or 0)
+    if x % 8 or x > (256 if major >= 9 else 128):
+        return False
+    return not (bias_or_mask and (q.shape[1] % 2 or k.shape[1] % 2))
+
+
 def _dot_product(q, k, v, mask, bias, scale, dtype):
     b, s, h, _ = q.shape
     mask = jnp.broadcast_to(mask, (mask.shape[0], mask.shape[1], s, k.shape[1]))
-    return jax.nn.dot_product_attention(q, k, v, bias=None if bias is None else bias.astype(q.dtype), mask=mask,
-                                        scale=scale).astype(dtype)
+    bias = None if bias is None else bias.astype(q.dtype)
+    if cudnn_eligible(q, k):
+        try:          # cuDNN's own trace-time checks (cuDNN version, compute capability) have the last word
+            return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale,
+                                                implementation="cudnn").astype(dtype)
+        except NotImplementedError:
+            pass
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale, implementation="xla").astype(dtype)
 
 
 def attend(q, k, v, *, mask, bias=None, scale: float, dtype, impl: str = "xla", chunk: int = 512):

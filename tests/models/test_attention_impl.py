@@ -94,3 +94,52 @@ def test_chunked_scores_are_smaller():
 def test_bad_impl_is_refused():
     with pytest.raises(ValueError, match="unknown attention_impl 'flash'; valid: auto, xla, chunked, dot_product"):
         get_config("tiny_mixtral").replace(attention_impl="flash").validate()
+
+
+def test_cudnn_eligibility_rules():
+    """Where cuDNN's flash attention is asked for: never on CPU or in float32; head dims and odd
+    lengths it cannot take go to XLA (checked on abstract shapes, any platform)."""
+    from moejax.models.attend import cudnn_eligible
+
+    q = jax.ShapeDtypeStruct((1, 16, 4, 64), jnp.bfloat16)
+    on_gpu = jax.devices()[0].platform == "gpu"
+    assert cudnn_eligible(q, q) == on_gpu
+    assert not cudnn_eligible(jax.ShapeDtypeStruct((1, 16, 4, 64), jnp.float32), q)
+    assert not cudnn_eligible(jax.ShapeDtypeStruct((1, 16, 4, 60), jnp.bfloat16), q)
+    assert not cudnn_eligible(jax.ShapeDtypeStruct((1, 15, 4, 64), jnp.bfloat16), q)
+
+
+@pytest.mark.skipif(jax.devices()[0].platform != "gpu", reason="cuDNN attention needs a GPU")
+def test_cudnn_dot_product_bf16_equals_float32_reference():
+    """On a GPU, bf16 ``dot_product`` runs cuDNN's fused kernel (its custom call is in the program)
+    and equals the float32 ``xla`` kernel on the same bf16 inputs: causal + sliding window, a
+    right-padded row and a left-padded one (whose first queries see no key: finite, ignored)."""
+    from moejax.models.attend import attend
+
+    b, s, h, j, x = 2, 256, 8, 2, 64
+    rng = np.random.default_rng(0)
+    q, k, v, cot = (jnp.asarray(rng.normal(size=shape), jnp.bfloat16)
+                    for shape in [(b, s, h, x), (b, s, j, x), (b, s, j, x), (b, s, h, x)])
+    idx = np.arange(s)
+    valid = np.stack([idx < 200, idx >= 30])                                     # [b, m]
+    mask = valid[:, None, :] & (idx[None, :] <= idx[:, None]) & (idx[:, None] - idx[None, :] < 100)
+    mask = jnp.asarray(mask[:, None])                                            # [b, 1, s, m]
+    seen = np.asarray(mask[:, 0].any(-1))                                        # [b, s] queries that see a key
+
+    def run(impl, dt):
+        f = lambda q, k, v: attend(q, k, v, mask=mask, scale=x**-0.5, dtype=dt, impl=impl)
+        args = tuple(a.astype(dt) for a in (q, k, v))
+        y, back = jax.vjp(f, *args)
+        w = jnp.asarray(seen[:, :, None, None], dt)
+        return y, back(cot.astype(dt) * w), jax.jit(f).lower(*args).as_text()
+
+    y, g, hlo = run("dot_product", jnp.bfloat16)
+    y0, g0, _ = run("xla", jnp.float32)
+    assert "cudnn" in hlo.lower()
+    for a in (y, *g):
+        assert bool(jnp.all(jnp.isfinite(a.astype(jnp.float32))))
+    rel = lambda a, r: float(jnp.linalg.norm((a.astype(jnp.float32) - r).ravel()) / jnp.linalg.norm(r.ravel()))
+    keep = jnp.asarray(seen[:, :, None, None])
+    assert rel(jnp.where(keep, y, 0), jnp.where(keep, y0, 0)) < 1e-2
+    for a, r in zip(g, g0, strict=True):
+        assert rel(a, r) < 2e-2
