@@ -34,6 +34,8 @@ from __future__ import annotations
 import argparse
 import math
 import resource
+import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +44,8 @@ from timing import interleaved, timeit
 
 from moejax.moe import MoeConfig, MoeLayer
 from moejax.moe.experts import DenseFFN, ffn_matrices
+
+_T0 = time.perf_counter()
 
 
 def matmul_peak(n: int = 2048, reps: int = 5, dtype="float32") -> float:
@@ -87,6 +91,11 @@ def experts_floor(e, k, cf, tokens, d, f, args):
     buf = jax.random.normal(jax.random.key(3), (e, c, d), dt)
     cot = jax.random.normal(jax.random.key(4), buf.shape, dt)
     return fwd_bwd(experts, lambda m, x: m(x)), (buf, cot)
+
+
+def log(msg):
+    """A progress line with the elapsed seconds on stderr (the table stays on stdout)."""
+    print(f"[{time.perf_counter() - _T0:6.1f} s] {msg}", file=sys.stderr, flush=True)
 
 
 def hf_block(layer, e, k, d, f, device="cpu"):
@@ -152,6 +161,7 @@ def run_dropless(args):
     cells = [(8, 2, 7 * d // 2), (64, 8, d // 2), (128, 8, d // 2)]
     if args.quick:
         cells = cells[:2]
+    cells = cells[:args.cells]
     print(f"# dropless MoE layer, {tokens} tokens in one group, d_model={d}, swiglu, {args.dtype}, jax "
           f"{jax.__version__} on {jax.devices()[0].device_kind}\n")
     print("| E | k | f | backend | max load / mean | capacity used | fwd+bwd ms | /dense | forward ms | /dense fwd |")
@@ -176,15 +186,19 @@ def run_dropless(args):
             cfg = MoeConfig(num_experts=e, d_model=d, d_ff=f, top_k=k, activation="swiglu", weight_norm="topk",
                             dropless=True, dtype=dt, param_dtype=dt, max_group_size=tokens, backend=backend)
             layer = layers[backend] = MoeLayer(cfg, rngs=nnx.Rngs(0))
-            _, stats[backend] = layer(x, deterministic=True)
+            _, stats[backend] = nnx.jit(lambda m, x: m(x, deterministic=True))(layer, x)
+            log(f"E={e}: {backend} built")
             grads[backend] = (fwd_bwd(layer, lambda m, x: m(x, deterministic=True)[0]), (x, cot))
             fwds[backend] = (jax.jit(lambda x, m=layer: m(x, deterministic=True)[0]), (x,))
         layer = layers.get("bucket") or next(iter(layers.values()))
         block = hf_block(layer, e, k, d, f, device="cpu" if on_cpu else "cuda") if args.hf else None
         if block is not None:                     # timed in the same rounds as moejax's forwards
             fwds["hf"] = (torch_forward(block), (x,))
+        log(f"E={e}: {len(grads)} fwd+bwd and {len(fwds)} forward programs to compile and time")
         tg = interleaved(grads, rounds=args.rounds, reps=args.reps)
+        log(f"E={e}: fwd+bwd timed")
         tf = interleaved(fwds, rounds=args.rounds, reps=args.reps)
+        log(f"E={e}: forward timed")
         def row(key, name, load, cap, e=e, k=k, f=f, tg=tg, tf=tf):
             print(f"| {e} | {k} | {f} | {name} | {load} | {cap} | {tg[key] * 1e3:.0f} | {tg[key] / tg['dense']:.2f} | "
                   f"{tf[key] * 1e3:.0f} | {tf[key] / tf['dense']:.2f} |", flush=True)
@@ -284,6 +298,7 @@ def main():
     p.add_argument("--ragged_max_experts_cpu", type=int, default=8,
                    help="on CPU, run the ragged backend only up to this many experts")
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--cells", type=int, default=3, help="--dropless: time only the first N of the 3 cells")
     p.add_argument("--no_hf", dest="hf", action="store_false",
                    help="--dropless: leave out HF's MixtralSparseMoeBlock (2 torch threads on CPU, CUDA on a GPU)")
     p.add_argument("--dropless", action="store_true", help="the dropless table (backends bucket, gather, ragged)")
