@@ -13,8 +13,11 @@ from moejax.moe.options import (
     QUANT_BITS,
     Activation,
     Backend,
+    BalanceScope,
     GroupedMatmul,
+    GroupScore,
     Router,
+    RouterScore,
     SecondExpertPolicy,
     WeightNorm,
     check,
@@ -45,6 +48,24 @@ class MoeConfig:
       weight_norm: combine weights are ``"none"``: the raw softmax probabilities (Switch/T5X);
         ``"topk"``: renormalised over the k selected experts before capacity (Mixtral);
         ``"kept"``: renormalised over the choices that survive policy and capacity (GShard/fairseq).
+      router_score / num_expert_groups / top_k_groups / group_score / selection_bias /
+        routed_scale (``router="top_k"`` only; DeepSeek-V2/V3): expert scores ``s`` are
+        ``softmax(logits)`` or ``sigmoid(logits)`` (``router_score``); the selection score is
+        ``s + b`` with ``b`` the per-expert ``selection_bias`` (DeepSeek-V3's
+        ``e_score_correction_bias``; a :class:`~moejax.moe.routing.SelectionBias` param used only to
+        choose experts, never in the weights, trained by the aux-loss-free balancing rule, see
+        :mod:`moejax.training.balance`); with ``num_expert_groups = n > 1`` the experts form n
+        contiguous groups, each scored by its best score (``group_score="max"``, V2) or the sum
+        of its two best selection scores (``"top2_sum"``, V3), and a token chooses its top-k only
+        among the ``top_k_groups`` best groups (the others masked to -inf, as DeepSeek's own code
+        and transformers 5; transformers 4.57 masks V3's to 0.0). Combine weights are ``s`` at the
+        chosen experts (``weight_norm`` as above), times ``routed_scale``
+        (``routed_scaling_factor``). With sigmoid scores the load-balancing loss and router stats
+        use ``s / sum(s)``.
+      balance_loss_scope: the tokens ``f_e`` and ``P_e`` of the load-balancing loss are taken
+        over: ``"group"`` (each routing group), ``"sequence"`` (each example: DeepSeek-V3's
+        sequence-wise loss, which is this loss / k), ``"global"`` (all groups of the call pooled,
+        across data-parallel devices too: global-batch balancing); the mean over the scopes.
       jitter_eps: multiplicative router-input jitter ``U[1-eps, 1+eps]`` in training only.
       batch_prioritized: fill capacity in order of descending top-1 probability instead of token
         order (BPR, Riquelme et al.); leave off for decoders.
@@ -100,6 +121,13 @@ class MoeConfig:
     num_tasks: int = 0
     second_expert_policy: str = "all"
     weight_norm: str = "none"
+    router_score: str = "softmax"
+    num_expert_groups: int = 1
+    top_k_groups: int = 1
+    group_score: str = "max"
+    selection_bias: bool = False
+    routed_scale: float = 1.0
+    balance_loss_scope: str = "group"
     router_bias: bool = False
     router_init_std: float = 0.02
     jitter_eps: float = 0.0
@@ -144,12 +172,42 @@ class MoeConfig:
         """Number of router outputs (``num_experts`` unless experts were merged)."""
         return self.num_experts if self.expert_map is None else len(self.expert_map)
 
+    @property
+    def deepseek_routing(self) -> bool:
+        """Does the config ask for any of the scoring / group-limited / selection-bias / scaling
+        options beyond plain softmax top-k (only ``router='top_k'`` implements them)?"""
+        return (self.router_score != "softmax" or self.num_expert_groups != 1 or self.selection_bias
+                or self.routed_scale != 1.0)
+
+    def _check_grouped_routing(self) -> None:
+        e, n = self.router_width, self.num_expert_groups
+        if n < 1 or e % n:
+            raise ValueError(f"num_expert_groups={n} must be >= 1 and divide num_experts={e}")
+        if not 1 <= self.top_k_groups <= n:
+            raise ValueError(f"top_k_groups={self.top_k_groups} must be in [1, num_expert_groups={n}]")
+        if n > 1 and self.top_k > self.top_k_groups * (e // n):
+            raise ValueError(f"top_k={self.top_k} > the {self.top_k_groups * (e // n)} experts of the top_k_groups="
+                             f"{self.top_k_groups} groups of {e // n}; raise top_k_groups or lower top_k")
+        if n > 1 and self.group_score == "top2_sum" and e // n < 2:
+            raise ValueError(f"group_score='top2_sum' needs >= 2 experts per group, got {e // n}")
+        if not self.routed_scale > 0:
+            raise ValueError(f"routed_scale must be > 0, got {self.routed_scale}")
+        if self.deepseek_routing and self.router != "top_k":
+            raise ValueError(f"router_score / num_expert_groups / selection_bias / routed_scale need router='top_k', "
+                             f"got router={self.router!r}")
+        if self.deepseek_routing and self.second_expert_policy != "all":
+            raise ValueError(f"second_expert_policy={self.second_expert_policy!r} cannot be combined with "
+                             f"router_score / num_expert_groups / selection_bias / routed_scale; use 'all'")
+
     def validate(self) -> MoeConfig:
         """Fail fast with a clear message naming the offending value."""
 
         check("router", self.router, Router)
         check("second_expert_policy", self.second_expert_policy, SecondExpertPolicy)
         check("weight_norm", self.weight_norm, WeightNorm)
+        check("router_score", self.router_score, RouterScore)
+        check("group_score", self.group_score, GroupScore)
+        check("balance_loss_scope", self.balance_loss_scope, BalanceScope)
         check("backend", self.backend, Backend)
         check("grouped_matmul", self.grouped_matmul, GroupedMatmul)
         check("activation", self.activation, Activation)
@@ -165,6 +223,7 @@ class MoeConfig:
         if self.quant_bits is not None and self.quant_bits not in QUANT_BITS:
             raise ValueError(f"unsupported quantization bit width {self.quant_bits}; "
                              f"valid: {', '.join(map(str, QUANT_BITS))}")
+        self._check_grouped_routing()
         check_config(self)          # what the chosen router and backend support
         for name in ("capacity_factor_train", "capacity_factor_eval"):
             v = getattr(self, name)

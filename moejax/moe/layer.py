@@ -214,7 +214,7 @@ class MoeLayer(nnx.Module):
         xg = constrain(x.reshape(g, t, d), ("batch", None, "embed"), cfg.axis_rules)
         mask = padding_mask.astype(bool).reshape(g, t)
 
-        plan, losses = self.router(xg, mask, deterministic=deterministic, rngs=rngs, task_ids=task_ids)
+        plan, losses = self.router(xg, mask, deterministic=deterministic, rngs=rngs, task_ids=task_ids, seq_len=s)
         call = self._expert_call(deterministic, rngs)
         y = self.backend(xg, plan, call).reshape(b, s, d)
         if self.shared is not None:

@@ -28,6 +28,34 @@ class SecondExpertPolicy(enum.StrEnum):
     SAMPLING = "sampling"
 
 
+class RouterScore(enum.StrEnum):
+    """``MoeConfig.router_score``: how logits become expert scores (softmax over experts, or an
+    independent sigmoid per expert: DeepSeek-V3)."""
+
+    SOFTMAX = "softmax"
+    SIGMOID = "sigmoid"
+
+
+class GroupScore(enum.StrEnum):
+    """``MoeConfig.group_score``: how a group of experts is scored for group-limited routing: its
+    best expert (``max``: DeepSeek-V2) or the sum of its best two selection scores (``top2_sum``:
+    DeepSeek-V3)."""
+
+    MAX = "max"
+    TOP2_SUM = "top2_sum"
+
+
+class BalanceScope(enum.StrEnum):
+    """``MoeConfig.balance_loss_scope``: over which tokens the load-balancing loss's ``f_e`` and
+    ``P_e`` are taken before ``E * sum_e f_e P_e`` is averaged: each routing ``group`` (Switch /
+    GShard), each ``sequence`` (DeepSeek-V3's sequence-wise balance loss), or the ``global`` batch
+    of the call, all groups and data-parallel devices pooled (Qwen3's global-batch balance)."""
+
+    GROUP = "group"
+    SEQUENCE = "sequence"
+    GLOBAL = "global"
+
+
 class WeightNorm(enum.StrEnum):
     """``MoeConfig.weight_norm``: how the combine weights of a token's choices are normalised."""
 

@@ -12,7 +12,9 @@ computes its logits in float32 ("selective precision") whatever the parameter dt
 loss); a subclass overrides :meth:`Router.plan` (and, for other inputs than the token's hidden
 state, :meth:`Router.logits`):
 
-* :class:`TopKRouter`: tokens choose their top-k experts (Switch k=1, GShard / Mixtral k=2).
+* :class:`TopKRouter`: tokens choose their top-k experts (Switch k=1, GShard / Mixtral k=2; with
+  sigmoid scores, group-limited selection, a :class:`SelectionBias` and ``routed_scale``:
+  DeepSeek-V2/V3, see :meth:`TopKRouter.scored_plan`).
 * :class:`NoisyTopKRouter`: Shazeer et al. 2017 noisy top-k gating with importance / load losses.
 * :class:`ExpertChoiceRouter`: each expert takes its top-C tokens (Zhou et al. 2022; not causal).
 * :class:`TaskRouter`: task-level routing from a learned ``[num_tasks, r]`` logit table.
@@ -28,7 +30,7 @@ from flax import nnx, struct
 
 from moejax.moe.capacity import assign_slots, layer_capacity
 from moejax.moe.losses import importance_loss, load_balancing_loss, load_loss, router_z_loss
-from moejax.moe.options import SecondExpertPolicy, WeightNorm
+from moejax.moe.options import GroupScore, RouterScore, SecondExpertPolicy, WeightNorm
 from moejax.moe.plan import ExpertChoicePlan, RoutingPlan, TokenChoicePlan
 
 
@@ -103,7 +105,7 @@ class Router(nnx.Module):
         raise NotImplementedError
 
     def __call__(self, x: jax.Array, mask: jax.Array, *, deterministic: bool, rngs: nnx.Rngs,
-                 task_ids: jax.Array | None = None) -> tuple[RoutingPlan, RouterLosses]:
+                 task_ids: jax.Array | None = None, seq_len: int | None = None) -> tuple[RoutingPlan, RouterLosses]:
         cfg = self.cfg
         router_in = x
         if not deterministic and self.jitter and cfg.jitter_eps > 0:
@@ -113,9 +115,41 @@ class Router(nnx.Module):
         cap = layer_capacity(cfg, x.shape[1], deterministic)
         plan, extra = self.plan(logits, mask, capacity=cap, router_in=router_in, deterministic=deterministic,
                                 rngs=rngs)
+        scope = lambda a: balance_view(a, cfg.balance_loss_scope, seq_len or x.shape[1])
         return plan, extra.replace(
-            load_balancing_loss=load_balancing_loss(plan.probs, plan.selected, mask),
+            load_balancing_loss=load_balancing_loss(scope(plan.probs), scope(plan.selected), scope(mask)),
             router_z_loss=router_z_loss(logits, mask))
+
+
+def balance_view(a: jax.Array, scope: str, seq_len: int) -> jax.Array:
+    """``a [g, t, ...]`` regrouped for the load-balancing loss of ``scope`` (``MoeConfig.
+    balance_loss_scope``): as is (``group``), ``[g*t / seq_len, seq_len, ...]`` (``sequence``: the
+    groups hold the flattened ``[b, s]`` tokens in order) or ``[1, g*t, ...]`` (``global``)."""
+    g, t = a.shape[:2]
+    if scope == "global":
+        return a.reshape((1, g * t) + a.shape[2:])
+    if scope == "sequence" and (g, t) != (g * t // seq_len, seq_len):
+        return a.reshape((g * t // seq_len, seq_len) + a.shape[2:])
+    return a
+
+
+class SelectionBias(nnx.Param):
+    """A per-expert bias ``[r]`` (float32) added to the expert scores for top-k selection only
+    (DeepSeek-V3's ``e_score_correction_bias``): it never enters the combine weights, so it has no
+    derivative. Its gradient slot carries instead the expert's share of this call's selections
+    minus the mean share (``f_e - k / r``, over real tokens): positive when the expert is
+    overloaded. The trainer's aux-loss-free balancing (:mod:`moejax.training.balance`) turns that
+    into DeepSeek-V3's update ``b_e += gamma * sign(mean load - load_e)`` after each step; summed
+    over micro-batches and data-parallel devices, the sign is the global batch's."""
+
+
+@jax.custom_vjp
+def _carry_load(bias: jax.Array, deviation: jax.Array) -> jax.Array:
+    """``bias`` unchanged; its cotangent is replaced by ``deviation`` (see :class:`SelectionBias`)."""
+    return bias
+
+
+_carry_load.defvjp(lambda b, dev: (b, dev), lambda dev, ct: (dev, jnp.zeros_like(dev)))
 
 
 class LinearRouter(Router):
@@ -131,6 +165,8 @@ class LinearRouter(Router):
             * cfg.router_init_std, logical_axes=("embed", "unmodeled"))
         self.bias = (nnx.Param(jnp.zeros((r,), cfg.param_dtype), logical_axes=("unmodeled",))
                      if cfg.router_bias else None)
+        self.selection_bias = (SelectionBias(jnp.zeros((r,), jnp.float32), logical_axes=("unmodeled",))
+                               if cfg.selection_bias else None)
 
     def logits(self, x: jax.Array, task_ids: jax.Array | None = None) -> jax.Array:
         """``x [g, t, d]`` -> ``[g, t, r]`` float32 (token-level routers do not read ``task_ids``)."""
@@ -157,8 +193,46 @@ class TopKRouter(LinearRouter):
 
     def plan(self, logits, mask, *, capacity, router_in, deterministic, rngs):
         cfg = self.cfg
+        if cfg.deepseek_routing:
+            return self.scored_plan(logits, mask, capacity), RouterLosses.zeros()
         rng = None if deterministic or cfg.second_expert_policy == SecondExpertPolicy.ALL else rngs.routing()
         return _top_k_plan(cfg, logits, mask, capacity, deterministic, rng), RouterLosses.zeros()
+
+    def scored_plan(self, logits: jax.Array, mask: jax.Array, capacity: int) -> TokenChoicePlan:
+        """DeepSeek-style top-k (``logits [g, t, r]``): scores ``s`` (softmax or sigmoid), selection
+        scores ``s + selection_bias``, restricted to the ``top_k_groups`` best of
+        ``num_expert_groups`` contiguous expert groups; weights ``s`` at the chosen experts,
+        normalised per ``weight_norm``, times ``routed_scale``."""
+        cfg = self.cfg
+        g, t, r = logits.shape
+        s = jax.nn.sigmoid(logits) if cfg.router_score == RouterScore.SIGMOID else jax.nn.softmax(logits, axis=-1)
+        select = s
+        if self.selection_bias is not None:
+            select = s + jax.lax.stop_gradient(self.selection_bias[...].astype(jnp.float32))
+        n = cfg.num_expert_groups
+        if n > 1:
+            grouped = select.reshape(g, t, n, r // n)
+            if cfg.group_score == GroupScore.MAX:
+                score = jnp.max(grouped, axis=-1)
+            else:
+                score = jnp.sum(jax.lax.top_k(grouped, 2)[0], axis=-1)
+            _, best = jax.lax.top_k(score, cfg.top_k_groups)                               # [g, t, kg]
+            allowed = jnp.any(jax.nn.one_hot(best, n, dtype=bool), axis=-2)                # [g, t, n]
+            select = jnp.where(jnp.repeat(allowed, r // n, axis=-1), select, -jnp.inf)
+        probs = s if cfg.router_score == RouterScore.SOFTMAX else s / jnp.sum(s, axis=-1, keepdims=True)
+        plan = top_k_route(logits, k=cfg.top_k, capacity=capacity, token_mask=mask, weight_norm=cfg.weight_norm,
+                           batch_prioritized=cfg.batch_prioritized, probs=probs, select=select, gates=s,
+                           scale=cfg.routed_scale,
+                           expert_map=None if cfg.expert_map is None else jnp.asarray(cfg.expert_map),
+                           num_experts=cfg.num_experts)
+        if self.selection_bias is not None:
+            real = mask.astype(jnp.float32)
+            chosen = jnp.einsum("gtkr,gt->r", jax.nn.one_hot(plan.selected, r, dtype=jnp.float32), real)
+            share = chosen / jnp.maximum(jnp.sum(real), 1.0)                               # [r], sums to k
+            deviation = jax.lax.stop_gradient(share - cfg.top_k / r)
+            tie = 0.0 * jnp.sum(_carry_load(self.selection_bias[...], deviation))
+            plan = plan.replace(weight=plan.weight + tie)       # a zero that carries the load to the bias
+        return plan
 
 
 class NoisyTopKRouter(LinearRouter):
@@ -273,6 +347,9 @@ def top_k_route(
     probs: jax.Array | None = None,
     expert_map: jax.Array | None = None,
     num_experts: int | None = None,
+    select: jax.Array | None = None,
+    gates: jax.Array | None = None,
+    scale: float = 1.0,
 ) -> RoutingPlan:
     """Tokens choose their top-k experts (Switch k=1, GShard / Mixtral k=2, or any k).
 
@@ -291,6 +368,10 @@ def top_k_route(
       probs: optional ``[g, t, e]`` probabilities to use instead of ``softmax(logits)``.
       expert_map: optional ``[e]`` int: router output ``i`` is served by expert ``expert_map[i]``
         of ``num_experts`` physical experts (merged experts); ``selected`` stays in router space.
+      select: optional ``[g, t, e]`` scores the top-k is taken over (default ``probs``; -inf
+        excludes an expert).
+      gates: optional ``[g, t, e]`` scores the combine weights are read from (default ``probs``).
+      scale: multiplies the combine weights after normalisation (DeepSeek's routed scaling).
 
     Returns:
       a :class:`TokenChoicePlan` with ``a = k * t``.
@@ -307,9 +388,9 @@ def top_k_route(
         noisy = jnp.where(jax.nn.one_hot(first, e, dtype=bool), -jnp.inf, logits + gumbel)
         idx = jnp.stack([first, jnp.argmax(noisy, axis=-1)], axis=-1)
     else:
-        _, idx = jax.lax.top_k(probs, k)
+        _, idx = jax.lax.top_k(probs if select is None else select, k)
     idx = idx.astype(jnp.int32)  # [g, t, k]
-    gate = jnp.take_along_axis(probs, idx, axis=-1)  # [g, t, k]
+    gate = jnp.take_along_axis(probs if gates is None else gates, idx, axis=-1)  # [g, t, k]
     routed = jnp.broadcast_to(token_mask[..., None], (g, t, k))
     if random_policy and policy == SecondExpertPolicy.RANDOM:
         u = jax.random.uniform(rng, (g, t), jnp.float32)
@@ -334,7 +415,7 @@ def top_k_route(
         weight = flat(gate / denom)
     else:
         weight = gate_f
-    weight = jnp.where(kept, weight, 0.0)
+    weight = jnp.where(kept, weight * scale if scale != 1.0 else weight, 0.0)
     token = jnp.broadcast_to(jnp.tile(jnp.arange(t, dtype=jnp.int32), k), (g, k * t))
     return TokenChoicePlan(token=token, expert=expert_f, slot=slot, weight=weight, routed=routed_f, kept=kept,
                            selected=idx, probs=probs, num_experts=phys, capacity=capacity)

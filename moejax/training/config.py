@@ -43,6 +43,7 @@ class TrainConfig:
     teacher_checkpoint: str | None = None
     distill_alpha: float = 0.75
     distill_temperature: float = 1.0
+    bias_update_rate: float = 0.001
     init_from_teacher: bool = True
     mesh_shape: dict | None = None
     dcn_mesh_shape: dict | None = None

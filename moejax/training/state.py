@@ -20,6 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from moejax.models.build import build_model
 from moejax.models.forward import forward
 from moejax.sharding import DEFAULT_RULES, state_shardings
+from moejax.training.balance import bias_paths, sign_update, with_balance_labels
 from moejax.training.config import LossConfig
 from moejax.training.loss import loss_fn
 from moejax.training.roles import freeze_labels
@@ -91,20 +92,22 @@ class StepFns:
     teacher: Any = None              # a trained nnx model (distillation); its params enter the step as an argument
     distill_alpha: float = 0.75
     distill_temperature: float = 1.0
+    bias_update_rate: float = 0.001  # gamma of the aux-loss-free balancing (moejax.training.balance)
 
     def __post_init__(self):
         cfg, seed = self.model_cfg, self.seed
         self.factory = lambda: build_model(cfg, nnx.Rngs(seed))
         abstract = nnx.eval_shape(self.factory)
         self.graphdef, self.abstract_params, _ = nnx.split(abstract, nnx.Param, ...)
-        if self.freeze:
-            labels = freeze_labels(abstract, self.freeze)
+        biases = bias_paths(abstract)
+        if self.freeze or biases:
             flat = {}
-            for path, v in jax.tree_util.tree_flatten_with_path(labels)[0]:
-                flat[path_key(path)] = v
-            label_tree = jax.tree_util.tree_map_with_path(lambda p, _: flat[path_key(p)[:-1]],
-                                                          self.abstract_params)
-            self.tx = optax.multi_transform({"train": self.tx, "freeze": optax.set_to_zero()}, label_tree)
+            if self.freeze:
+                for path, v in jax.tree_util.tree_flatten_with_path(freeze_labels(abstract, self.freeze))[0]:
+                    flat[path_key(path)] = v
+            label_tree = with_balance_labels(lambda key: flat.get(key, "train"), self.abstract_params, biases)
+            self.tx = optax.multi_transform({"train": self.tx, "freeze": optax.set_to_zero(),
+                                             "balance": sign_update(self.bias_update_rate)}, label_tree)
         self.param_shardings = state_shardings(self.abstract_params, self.mesh, self.rules)
         abstract_opt = jax.eval_shape(self.tx.init, self.abstract_params)
         self.opt_shardings = opt_state_shardings(abstract_opt, self.abstract_params, self.param_shardings, self.mesh)

@@ -71,7 +71,7 @@ def train(model_dir: str, model_cfg, cfg: TrainConfig, optimizer=None, rules=DEF
     teacher = _load_teacher(cfg.teacher_checkpoint, mesh, rules) if cfg.teacher_checkpoint else None
     fns = StepFns(model_cfg, optimizer.tx, mesh, loss=cfg.loss, microbatches=cfg.microbatches, seed=cfg.seed,
                   freeze=tuple(cfg.freeze), rules=rules, teacher=teacher, distill_alpha=cfg.distill_alpha,
-                  distill_temperature=cfg.distill_temperature)
+                  distill_temperature=cfg.distill_temperature, bias_update_rate=cfg.bias_update_rate)
     ckpt = Checkpointer(model_dir, keep=cfg.keep)
     latest = ckpt.latest_step()
     if latest is not None:

@@ -60,6 +60,27 @@ def route_top_k(probs, k, capacity, mask, keep2=None, second=None, bpr=False):
     return out
 
 
+def scores_np(logits, cfg, bias=None):
+    """numpy ``[t, e]`` expert scores ``s`` (softmax or sigmoid) and the selection scores: ``s +
+    bias``, with experts outside the ``top_k_groups`` best groups set to -inf (DeepSeek routing),
+    one token and one group at a time."""
+    sig = getattr(cfg, "router_score", "softmax") == "sigmoid"
+    s = 1.0 / (1.0 + np.exp(-logits)) if sig else softmax_np(logits)
+    sel = s + (0.0 if bias is None else np.asarray(bias, np.float64))
+    n = getattr(cfg, "num_expert_groups", 1)
+    if n > 1:
+        t, e = s.shape
+        m = e // n
+        for i in range(t):
+            blocks = [sel[i, j * m:(j + 1) * m] for j in range(n)]
+            score = [max(bl) if cfg.group_score == "max" else sum(sorted(bl)[-2:]) for bl in blocks]
+            keep = sorted(range(n), key=lambda j: (-score[j], j))[:cfg.top_k_groups]
+            for j in range(n):
+                if j not in keep:
+                    sel[i, j * m:(j + 1) * m] = -np.inf
+    return s, sel
+
+
 def route_expert_choice(probs, capacity, mask):
     t, e = probs.shape
     c = min(capacity, t)
@@ -116,6 +137,8 @@ def ref_moe(params, x, cfg, *, deterministic=True, padding_mask=None, keep2=None
         sl = slice(gi * t, (gi + 1) * t)
         logits = np.asarray(xf[sl], np.float64) @ np.asarray(params["router"], np.float64)
         probs = softmax_np(logits)
+        if getattr(cfg, "deepseek_routing", False):
+            probs = scores_np(logits, cfg, params.get("selection_bias"))[1]
         if cfg.router == "expert_choice":
             dec = route_expert_choice(probs, cap, mask[sl])
         else:
@@ -129,7 +152,10 @@ def ref_moe(params, x, cfg, *, deterministic=True, padding_mask=None, keep2=None
         ys = []
         for gi in range(g):
             xs = xf[gi * t:(gi + 1) * t]
-            probs = jax.nn.softmax(xs.astype(jnp.float32) @ params["router"].astype(jnp.float32), axis=-1)
+            logits = xs.astype(jnp.float32) @ params["router"].astype(jnp.float32)
+            sig = getattr(cfg, "router_score", "softmax") == "sigmoid"
+            probs = jax.nn.sigmoid(logits) if sig else jax.nn.softmax(logits, axis=-1)
+            scale = getattr(cfg, "routed_scale", 1.0)
             y = jnp.zeros((t, d), jnp.float32)
             per_tok = {}
             for (i, ex, j, routed, kept) in decisions[gi]:
@@ -145,7 +171,7 @@ def ref_moe(params, x, cfg, *, deterministic=True, padding_mask=None, keep2=None
                         w = gate / jnp.maximum(sum(gg for (_, _, _, kk), gg in zip(lst, gates) if kk), 1.1920929e-07)
                     else:
                         w = gate
-                    y = y.at[i].add(w * expert_apply(params, ex, xs[i].astype(jnp.float32), cfg.activation))
+                    y = y.at[i].add(scale * w * expert_apply(params, ex, xs[i].astype(jnp.float32), cfg.activation))
             ys.append(y)
         return jnp.concatenate(ys).reshape(b, s, d)
 
@@ -155,6 +181,8 @@ def ref_moe(params, x, cfg, *, deterministic=True, padding_mask=None, keep2=None
 def layer_params(layer):
     """Pull a MoeLayer's weights into the reference's plain dict."""
     p = {"router": layer.router.kernel[...]}
+    if getattr(layer.router, "selection_bias", None) is not None:
+        p["selection_bias"] = layer.router.selection_bias[...]
     for name in ("wi", "wi_0", "wi_1", "wo", "bi", "bi_1", "bo"):
         if hasattr(layer.experts, name):
             p[name] = getattr(layer.experts, name)[...]
