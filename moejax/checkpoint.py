@@ -31,13 +31,14 @@ from flax import nnx
 
 from moejax.models.build import build_model
 from moejax.models.config import DecoderConfig, EncDecConfig, ModelConfig
+from moejax.models.layers import Yarn
 from moejax.moe import MoeConfig
 from moejax.sharding import DEFAULT_RULES, Rules, state_shardings
 from moejax.tree import flatten, path_str, unflatten
 
 CONFIG_FILE = "model_config.json"
 LEGACY_CONFIG_FILE = "config.json"          # pre-unification `moejax convert` / merge / quantize output
-_CLASSES = {"DecoderConfig": DecoderConfig, "EncDecConfig": EncDecConfig, "MoeConfig": MoeConfig}
+_CLASSES = {"DecoderConfig": DecoderConfig, "EncDecConfig": EncDecConfig, "MoeConfig": MoeConfig, "Yarn": Yarn}
 
 
 # ----------------------------------------------------------------------------- the config record

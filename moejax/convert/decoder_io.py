@@ -22,7 +22,8 @@ from moejax.convert.mapping import Source, WeightReader
 from moejax.convert.safetensors_io import ShardedWriter
 from moejax.models import DecoderConfig
 
-#: one exported tensor: (HF name, moejax param path, layer or None, fn: that param's array -> HF tensor)
+#: one exported tensor: (HF name, moejax param path (or a tuple of paths), layer or None, fn: that
+#: param's array (those params' arrays) -> HF tensor)
 ExportRow = tuple[str, str, int | None, Callable]
 
 BLOCK = "stack/blocks/0/"
@@ -113,15 +114,17 @@ def write_decoder(model: nnx.Module, path: str, plan: list[ExportRow], hf_config
         a = arrays[p]
         return jax.ShapeDtypeStruct(a.shape[1:] if layer is not None else a.shape, a.dtype)
 
-    shapes = [(name, tuple(jax.eval_shape(fn, part(p, i)).shape), dtype) for name, p, i, fn in plan]
+    paths = lambda p: p if isinstance(p, tuple) else (p,)  # noqa: E731  (a row may read several params)
+    shapes = [(name, tuple(jax.eval_shape(fn, *[part(q, i) for q in paths(p)]).shape), dtype)
+              for name, p, i, fn in plan]
     writer = ShardedWriter(path, shapes, max_shard_bytes)
     cached = (None, None)
     try:
         for name, p, i, fn in plan:
             if cached[0] != (p, i):
-                a = arrays[p]
-                cached = ((p, i), np.asarray(jax.device_get(a[i] if i is not None else a)))
-            writer.write(name, np.asarray(fn(cached[1])).astype(dtype))
+                cached = ((p, i), [np.asarray(jax.device_get(arrays[q][i] if i is not None else arrays[q]))
+                                   for q in paths(p)])
+            writer.write(name, np.asarray(fn(*cached[1])).astype(dtype))
     except BaseException:
         writer.close(complete=False)
         raise

@@ -92,11 +92,13 @@ DECODER_INERT: Mapping[str, str] = {
 }
 
 
-def rope_theta(hf: Mapping, default: float, family: str) -> float:
-    """RoPE base frequency from a transformers 4.x (``rope_theta``, ``rope_scaling``) or 5.x
-    (``rope_parameters``) config; any RoPE scaling (llama3, YaRN, linear, dynamic, ...) is refused."""
+def rope_parameters(hf: Mapping, default: float, family: str, allow: tuple[str, ...] = ()) -> tuple[float, dict | None]:
+    """``(rope_theta, scaling)`` from a transformers 4.x (``rope_theta``, ``rope_scaling``) or 5.x
+    (``rope_parameters``) config: ``scaling`` is the dict of a scaled RoPE whose ``rope_type`` is in
+    ``allow`` (None for plain RoPE); any other type is refused by name."""
     params = hf.get("rope_parameters")
     scaling = hf.get("rope_scaling")
+    found = None
     for what, p in (("rope_scaling", scaling), ("rope_parameters", params)):
         if p is None:
             continue
@@ -104,11 +106,51 @@ def rope_theta(hf: Mapping, default: float, family: str) -> float:
             raise ValueError(f"{family} config.json has {what}={p!r}; expected a dict or null")
         kind = p.get("rope_type", p.get("type", "default"))
         extra = sorted(set(p) - {"rope_type", "type", "rope_theta"})
-        if kind != "default" or extra:
-            raise ValueError(f"{family} config.json has {what}={dict(p)!r}: moejax implements plain RoPE only "
-                             f"(rope_type='default' with rope_theta); scaled RoPE is not supported")
+        if kind in allow:
+            if found is not None and {k: v for k, v in found.items() if k != "rope_theta"} != \
+                    {k: v for k, v in p.items() if k != "rope_theta"}:
+                raise ValueError(f"{family} config.json has rope_scaling and rope_parameters that disagree")
+            found = dict(p)
+        elif kind != "default" or extra:
+            if not allow:
+                raise ValueError(f"{family} config.json has {what}={dict(p)!r}: moejax implements plain RoPE only "
+                                 f"(rope_type='default' with rope_theta); scaled RoPE is not supported")
+            valid = ", ".join(["'default'", *(repr(a) for a in allow)])
+            raise ValueError(f"{family} config.json has {what}={dict(p)!r}: moejax implements rope_type {valid} "
+                             f"for {family}")
     theta = (params or {}).get("rope_theta", hf.get("rope_theta", default))
     if "rope_theta" in hf and params and "rope_theta" in params and hf["rope_theta"] != params["rope_theta"]:
         raise ValueError(f"{family} config.json has rope_theta={hf['rope_theta']} and "
                          f"rope_parameters.rope_theta={params['rope_theta']}; they must agree")
-    return float(theta)
+    return float(theta), found
+
+
+def rope_theta(hf: Mapping, default: float, family: str) -> float:
+    """RoPE base frequency from a transformers 4.x (``rope_theta``, ``rope_scaling``) or 5.x
+    (``rope_parameters``) config; any RoPE scaling (llama3, YaRN, linear, dynamic, ...) is refused."""
+    return rope_parameters(hf, default, family)[0]
+
+
+_YARN_KEYS = {"rope_type", "type", "rope_theta", "factor", "original_max_position_embeddings", "beta_fast",
+              "beta_slow", "mscale", "mscale_all_dim", "truncate", "attention_factor"}
+
+
+def yarn(params: Mapping, hf: Mapping, family: str):
+    """A :class:`moejax.models.layers.Yarn` from a ``rope_type: yarn`` dict (transformers'
+    ``_compute_yarn_parameters`` fields; the original length falls back to
+    ``max_position_embeddings`` as there); an unknown field or a missing factor is refused."""
+    from moejax.models.layers import Yarn
+
+    extra = sorted(set(params) - _YARN_KEYS)
+    if extra:
+        raise ValueError(f"{family} config.json has YaRN rope fields moejax does not implement: {extra}")
+    if "factor" not in params:
+        raise ValueError(f"{family} config.json has YaRN rope scaling without a factor")
+    original = params.get("original_max_position_embeddings") or hf.get("max_position_embeddings")
+    if not original:
+        raise ValueError(f"{family} config.json has YaRN rope scaling but neither "
+                         "original_max_position_embeddings nor max_position_embeddings")
+    return Yarn(factor=float(params["factor"]), original_max_position=int(original),
+                beta_fast=float(params.get("beta_fast") or 32), beta_slow=float(params.get("beta_slow") or 1),
+                mscale=float(params.get("mscale") or 0.0), mscale_all_dim=float(params.get("mscale_all_dim") or 0.0),
+                truncate=bool(params.get("truncate", True)), attention_factor=params.get("attention_factor")).validate()

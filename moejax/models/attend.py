@@ -1,9 +1,9 @@
 """Attention kernels behind :class:`moejax.models.layers.Attention` (``attention_impl``).
 
 All compute ``softmax(q.k * scale + bias, masked) v`` with the scores in float32 and take the
-same inputs: ``q [b, s, h, x]``, ``k`` / ``v [b, m, j, x]`` (``h`` a multiple of ``j``: grouped
+same inputs: ``q [b, s, h, x]``, ``k [b, m, j, x]``, ``v [b, m, j, y]`` (``h`` a multiple of ``j``: grouped
 queries), a boolean ``mask`` broadcastable to ``[b, h, s, m]`` (True = attend) and an optional
-additive ``bias [1|b, h, s, m]`` (T5 relative positions); they return ``[b, s, h, x]``.
+additive ``bias [1|b, h, s, m]`` (T5 relative positions); they return ``[b, s, h, y]``.
 
 * ``xla``: the whole ``[b, h, s, m]`` score matrix at once (fastest for short sequences);
 * ``chunked``: queries in blocks of ``chunk`` (``lax.map`` over blocks, each block under
@@ -50,7 +50,7 @@ def resolve(name: str, s: int, chunk: int) -> str:
     return AttentionImpl.CHUNKED if s > chunk else AttentionImpl.XLA
 
 
-def _xla(q, k, v, mask, bias, scale, dtype):
+def _xla(q, k, v, mask, bias, scale, dtype, sinks=None):
     b, s, h, x = q.shape
     j = k.shape[2]
     g = h // j
@@ -61,11 +61,15 @@ def _xla(q, k, v, mask, bias, scale, dtype):
     m5 = mask.reshape(mask.shape[0], 1, 1, *mask.shape[2:]) if mask.shape[1] == 1 else \
         mask.reshape(mask.shape[0], j, g, *mask.shape[2:])
     scores = jnp.where(m5, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    return jnp.einsum("bjgsm,bmjx->bsjgx", probs, v).reshape(b, s, h, x)
+    if sinks is not None:       # one more logit per head with no value row: exp(sink) joins the denominator
+        col = jnp.broadcast_to(sinks.astype(jnp.float32).reshape(1, j, g, 1, 1), scores.shape[:-1] + (1,))
+        probs = jax.nn.softmax(jnp.concatenate([scores, col], axis=-1), axis=-1)[..., :-1].astype(dtype)
+    else:
+        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    return jnp.einsum("bjgsm,bmjy->bsjgy", probs, v).reshape(b, s, h, v.shape[-1])
 
 
-def _chunked(q, k, v, mask, bias, scale, dtype, chunk):
+def _chunked(q, k, v, mask, bias, scale, dtype, chunk, sinks=None):
     b, s, h, x = q.shape
     n = -(-s // chunk)
     pad = n * chunk - s
@@ -85,10 +89,10 @@ def _chunked(q, k, v, mask, bias, scale, dtype, chunk):
                 return a
             return jax.lax.dynamic_slice_in_dim(a, i * chunk, chunk, axis)
 
-        return _xla(piece(qp, 1), k, v, piece(maskp, 2), piece(biasp, 2), scale, dtype)
+        return _xla(piece(qp, 1), k, v, piece(maskp, 2), piece(biasp, 2), scale, dtype, sinks)
 
-    out = jax.lax.map(jax.checkpoint(block, prevent_cse=False), jnp.arange(n))     # [n, b, chunk, h, x]
-    return jnp.moveaxis(out, 0, 1).reshape(b, n * chunk, h, x)[:, :s]
+    out = jax.lax.map(jax.checkpoint(block, prevent_cse=False), jnp.arange(n))     # [n, b, chunk, h, y]
+    return jnp.moveaxis(out, 0, 1).reshape(b, n * chunk, h, v.shape[-1])[:, :s]
 
 
 def cudnn_eligible(q, k, bias_or_mask: bool = True) -> bool:
@@ -118,9 +122,25 @@ def _dot_product(q, k, v, mask, bias, scale, dtype):
     return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale, implementation="xla").astype(dtype)
 
 
-def attend(q, k, v, *, mask, bias=None, scale: float, dtype, impl: str = "xla", chunk: int = 512):
-    """Attention output ``[b, s, h, x]`` with kernel ``impl`` (see the module docstring)."""
+def attend(q, k, v, *, mask, bias=None, scale: float, dtype, impl: str = "xla", chunk: int = 512, sinks=None):
+    """Attention output ``[b, s, h, y]`` with kernel ``impl`` (see the module docstring); ``y`` is
+    ``v``'s head dim, which may differ from the query / key dim ``x`` (multi-head latent attention:
+    ``dot_product`` then pads ``v`` to ``x`` and slices the output, as transformers does).
+    ``sinks [h]``: gpt-oss's attention sinks, a learned logit per head appended to every query's
+    scores (with no value), so ``exp(sink)`` joins the softmax denominator; ``jax.nn.
+    dot_product_attention`` has no such input, so ``dot_product`` runs ``chunked`` instead."""
     impl = resolve(impl, q.shape[1], chunk)
+    if sinks is not None:
+        if impl == AttentionImpl.XLA or q.shape[1] <= chunk:
+            return _xla(q, k, v, mask, bias, scale, dtype, sinks)
+        return _chunked(q, k, v, mask, bias, scale, dtype, chunk, sinks)
+    if impl == AttentionImpl.DOT_PRODUCT and v.shape[-1] != q.shape[-1]:
+        y = v.shape[-1]
+        if y > q.shape[-1]:
+            raise ValueError(f"dot_product attention needs the value head dim ({y}) <= the query / key dim "
+                             f"({q.shape[-1]}); use attention_impl 'xla' or 'chunked'")
+        v = jnp.pad(v, [(0, 0)] * 3 + [(0, q.shape[-1] - y)])
+        return _dot_product(q, k, v, mask, bias, scale, dtype)[..., :y]
     if impl == AttentionImpl.XLA or (impl == AttentionImpl.CHUNKED and q.shape[1] <= chunk):
         return _xla(q, k, v, mask, bias, scale, dtype)
     if impl == AttentionImpl.CHUNKED:

@@ -4,12 +4,13 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax.numpy as jnp
 
 from moejax.models.attend import check_impl
-from moejax.models.layers import check_qk_norm
+from moejax.models.layers import Yarn, check_qk_norm
 from moejax.models.remat import check_remat
 from moejax.moe import MoeConfig
 
@@ -32,6 +33,17 @@ class DecoderConfig:
     ``'head'`` (per-head RMSNorm of q and k: Qwen3-MoE) or ``'full'`` (over the whole projection:
     OLMoE), eps ``norm_eps``; ``qkv_clip`` (OLMoE's ``clip_qkv``). ``head_dim`` is free:
     ``num_heads * head_dim`` need not equal ``d_model`` (Qwen3-MoE: 32 x 128 on d_model 2048).
+    ``attention='mla'``: DeepSeek's multi-head latent attention (:class:`moejax.models.mla.
+    MLAttention`) with ``q_lora_rank`` (None: a plain query projection), ``kv_lora_rank``,
+    ``qk_nope_head_dim``, ``qk_rope_head_dim``, ``v_head_dim`` (``head_dim``, ``num_kv_heads``
+    unused); its KV cache holds the latent. ``rope_scaling``: a :class:`~moejax.models.layers.Yarn`
+    or None. ``first_dense_layers``: the first k blocks are dense (DeepSeek's
+    ``first_k_dense_replace``), scanned as their own stack before the periodic one; block ``i >= k``
+    is sparse when ``(i - k + 1) % moe_every == 0``. ``window_pattern``: per-layer sliding windows
+    repeating over the layers (gpt-oss: ``(128, None)``, even layers a 128-token window, odd ones
+    full; the scanned period becomes ``lcm(moe_every, len(pattern))``; each windowed layer's KV
+    cache is a ring of its window), instead of one ``sliding_window`` for all. ``attention_sinks``:
+    gpt-oss's per-head sink logits.
     """
 
     vocab_size: int = 256
@@ -50,6 +62,16 @@ class DecoderConfig:
     qk_norm: str = "none"
     qkv_clip: float | None = None
     tie_embeddings: bool = False
+    attention: str = "mha"
+    q_lora_rank: int | None = None
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    rope_scaling: Yarn | None = None
+    window_pattern: tuple | None = None
+    attention_sinks: bool = False
+    first_dense_layers: int = 0
     moe: MoeConfig | None = None
     moe_every: int = 1
     moe_extra_mlp: bool = False
@@ -64,10 +86,18 @@ class DecoderConfig:
 
     @property
     def period(self) -> int:
-        return self.moe_every if self.moe is not None else 1
+        base = self.moe_every if self.moe is not None else 1
+        return math.lcm(base, len(self.window_pattern)) if self.window_pattern else base
+
+    def window(self, layer: int) -> int | None:
+        """The sliding window of layer ``layer`` (None: full attention)."""
+        if self.window_pattern:
+            return self.window_pattern[layer % len(self.window_pattern)]
+        return self.sliding_window
 
     def is_sparse(self, layer: int) -> bool:
-        return self.moe is not None and (layer + 1) % self.moe_every == 0
+        k = self.first_dense_layers
+        return self.moe is not None and layer >= k and (layer - k + 1) % self.moe_every == 0
 
     def validate(self) -> DecoderConfig:
         """Fail fast on a config that violates an invariant, naming the values."""
@@ -79,8 +109,40 @@ class DecoderConfig:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
-        if self.num_layers % self.period:
-            raise ValueError(f"num_layers={self.num_layers} is not a multiple of moe_every={self.moe_every}")
+        k = self.first_dense_layers
+        if not 0 <= k < self.num_layers:
+            raise ValueError(f"first_dense_layers={k} must be in [0, num_layers={self.num_layers})")
+        if (self.num_layers - k) % self.period:
+            what = f"num_layers={self.num_layers}" + (f" - first_dense_layers={k}" if k else "")
+            raise ValueError(f"{what} is not a multiple of moe_every={self.moe_every}")
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"unknown attention {self.attention!r}; valid: {', '.join(ATTENTIONS)}")
+        if self.attention == "mla":
+            for name in ("kv_lora_rank", "qk_rope_head_dim", "v_head_dim"):
+                if getattr(self, name) < 1:
+                    raise ValueError(f"attention='mla' needs {name} >= 1, got {getattr(self, name)}")
+            if self.qk_nope_head_dim < 0 or self.qk_rope_head_dim % 2:
+                raise ValueError(f"qk_nope_head_dim must be >= 0 and qk_rope_head_dim even, got "
+                                 f"{self.qk_nope_head_dim}, {self.qk_rope_head_dim}")
+            if self.q_lora_rank is not None and self.q_lora_rank < 1:
+                raise ValueError(f"q_lora_rank must be >= 1 or None, got {self.q_lora_rank}")
+            bad = [n for n, on in (("sliding_window", self.sliding_window is not None),
+                                   ("attention_bias", self.attention_bias != "none"),
+                                   ("qk_norm", self.qk_norm != "none"), ("qkv_clip", self.qkv_clip is not None)) if on]
+            if bad:
+                raise ValueError(f"attention='mla' does not implement {', '.join(bad)}")
+        if self.rope_scaling is not None:
+            self.rope_scaling.validate()
+        if self.window_pattern is not None:
+            pat = tuple(self.window_pattern)
+            if not pat or any(w is not None and (not isinstance(w, int) or w < 1) for w in pat):
+                raise ValueError(f"window_pattern must be a non-empty tuple of windows >= 1 or None, got {pat}")
+            if self.sliding_window is not None or k or self.attention == "mla":
+                raise ValueError("window_pattern replaces sliding_window and needs first_dense_layers=0 and "
+                                 f"attention='mha' (got sliding_window={self.sliding_window}, first_dense_layers={k}, "
+                                 f"attention={self.attention!r})")
+        if self.attention_sinks and self.attention == "mla":
+            raise ValueError("attention='mla' does not implement attention_sinks")
         check_remat(self.remat)
         check_impl(self.attention_impl, self.attention_chunk)
         check_qk_norm(self.qk_norm)
@@ -96,6 +158,7 @@ class DecoderConfig:
 
 
 ATTENTION_BIASES = ("none", "qkv", "all")
+ATTENTIONS = ("mha", "mla")
 
 
 @dataclasses.dataclass(frozen=True)

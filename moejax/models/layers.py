@@ -6,8 +6,12 @@ Shape letters (README legend): ``b`` batch, ``s`` query length, ``m`` key
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx, struct
 
 from moejax.models.attend import attend, check_impl
@@ -77,12 +81,74 @@ class Embed(nnx.Module):
         return jnp.einsum("bsd,vd->bsv", x, self.embedding[...].astype(x.dtype))
 
 
-def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
-    """cos, sin ``[b, s, x]`` for rotate-half RoPE (the HF Llama / Mixtral layout)."""
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+@dataclasses.dataclass(frozen=True)
+class Yarn:
+    """YaRN RoPE scaling (Peng et al. 2023) as transformers computes it (``rope_type: yarn``):
+    frequencies blended between interpolated (``/ factor``) and original ones by a linear ramp
+    over the dims whose wavelengths fall between ``beta_fast`` and ``beta_slow`` rotations in
+    ``original_max_position`` tokens (floor / ceil of the range when ``truncate``); cos and sin
+    times ``attention_factor`` (default: ``mscale(factor, mscale) / mscale(factor, mscale_all_dim)``
+    when both are set, else ``mscale(factor)``, with ``mscale(f, m) = 0.1 m ln f + 1``)."""
+
+    factor: float
+    original_max_position: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 0.0
+    mscale_all_dim: float = 0.0
+    truncate: bool = True
+    attention_factor: float | None = None
+
+    def validate(self) -> Yarn:
+        if not self.factor >= 1.0:
+            raise ValueError(f"YaRN factor must be >= 1, got {self.factor}")
+        if self.original_max_position < 1:
+            raise ValueError(f"YaRN original_max_position must be >= 1, got {self.original_max_position}")
+        if not self.beta_fast > self.beta_slow > 0:
+            raise ValueError(f"YaRN needs beta_fast > beta_slow > 0, got {self.beta_fast}, {self.beta_slow}")
+        return self
+
+    @staticmethod
+    def get_mscale(factor: float, m: float = 1.0) -> float:
+        return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+    def cos_sin_factor(self) -> float:
+        if self.attention_factor is not None:
+            return float(self.attention_factor)
+        if self.mscale and self.mscale_all_dim:
+            return self.get_mscale(self.factor, self.mscale) / self.get_mscale(self.factor, self.mscale_all_dim)
+        return self.get_mscale(self.factor)
+
+    def inv_freq(self, dim: int, theta: float) -> np.ndarray:
+        """``[dim / 2]`` float32 inverse frequencies."""
+        def corr(rot):
+            return dim * math.log(self.original_max_position / (rot * 2 * math.pi)) / (2 * math.log(theta))
+
+        low, high = corr(self.beta_fast), corr(self.beta_slow)
+        if self.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        if low == high:
+            high += 0.001
+        ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1)
+        pos = theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim)
+        extra = 1 - ramp
+        return ((1.0 / (self.factor * pos)) * (1 - extra) + (1.0 / pos) * extra).astype(np.float32)
+
+
+def rope_tables(positions: jax.Array, head_dim: int, theta: float,
+                scaling: Yarn | None = None) -> tuple[jax.Array, jax.Array]:
+    """cos, sin ``[b, s, x]`` for rotate-half RoPE (the HF Llama / Mixtral layout); with YaRN
+    ``scaling``, its frequencies and cos/sin factor."""
+    if scaling is None:
+        inv_freq, factor = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)), 1.0
+    else:
+        inv_freq, factor = jnp.asarray(scaling.inv_freq(head_dim, theta)), scaling.cos_sin_factor()
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [b, s, x/2]
     emb = jnp.concatenate([freqs, freqs], axis=-1)
-    return jnp.cos(emb), jnp.sin(emb)
+    if factor == 1.0:
+        return jnp.cos(emb), jnp.sin(emb)
+    return jnp.cos(emb) * factor, jnp.sin(emb) * factor
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
@@ -116,14 +182,17 @@ class Attention(nnx.Module):
     ``out_bias=False``: Qwen2-MoE) o; ``qk_norm`` RMS-normalises queries and keys before RoPE,
     ``'head'`` over each head's ``x`` dims (Qwen3-MoE; scales ``[x]``) or ``'full'`` over the whole
     projection (OLMoE; scales ``[h*x]`` and ``[j*x]``), with ``norm_eps``; ``qkv_clip`` clamps q, k
-    and v to ``[-c, c]`` after the norms (OLMoE's ``clip_qkv``).
+    and v to ``[-c, c]`` after the norms (OLMoE's ``clip_qkv``). ``rope_scaling``: a :class:`Yarn`.
+    ``sinks``: gpt-oss's per-head attention-sink logits (param ``sinks [h]``, see
+    :func:`moejax.models.attend.attend`).
     """
 
     def __init__(self, d: int, num_heads: int, num_kv_heads: int, head_dim: int, *, use_bias: bool = False,
                  rope_theta: float | None = 10000.0, sliding_window: int | None = None, scale: float | None = None,
                  init: str = "truncated_normal", impl: str = "xla", chunk: int = 512, out_bias: bool | None = None,
-                 qk_norm: str = "none", norm_eps: float = 1e-6, qkv_clip: float | None = None, dtype=jnp.float32,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 qk_norm: str = "none", norm_eps: float = 1e-6, qkv_clip: float | None = None,
+                 rope_scaling: Yarn | None = None, sinks: bool = False, dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
         check_impl(impl, chunk)
         check_qk_norm(qk_norm)
         if num_heads % num_kv_heads:
@@ -150,6 +219,8 @@ class Attention(nnx.Module):
             self.k_norm = RMSNorm(kd, eps=norm_eps, param_dtype=param_dtype, axis="kv")
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.rope_theta, self.sliding_window, self.dtype = rope_theta, sliding_window, dtype
+        self.rope_scaling = rope_scaling
+        self.sinks = param(rngs, nnx.initializers.zeros, (num_heads,), param_dtype, ("heads",)) if sinks else None
         self.scale = head_dim**-0.5 if scale is None else float(scale)
         self.impl, self.chunk = impl, chunk
 
@@ -184,7 +255,7 @@ class Attention(nnx.Module):
             c = self.qkv_clip
             q, k, v = jnp.clip(q, -c, c), jnp.clip(k, -c, c), jnp.clip(v, -c, c)
         if self.rope_theta is not None:
-            cos, sin = rope_tables(positions, self.head_dim, self.rope_theta)
+            cos, sin = rope_tables(positions, self.head_dim, self.rope_theta, self.rope_scaling)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         b, s = x.shape[:2]
         key_valid = jnp.ones(k.shape[:2], bool) if padding_mask is None else padding_mask
@@ -202,19 +273,28 @@ class Attention(nnx.Module):
                 k, v, key_valid, kpos = new.k.astype(dt), new.v.astype(dt), new.valid, new.pos
             cache = new
         if mask is None:
-            mask = key_valid[:, None, :]
-            if causal or self.sliding_window is not None:
-                qp, kp = positions[:, :, None], kpos[:, None, :]
-                if causal:
-                    mask = mask & (kp <= qp)
-                if self.sliding_window is not None:
-                    mask = mask & (qp - kp < self.sliding_window)
-            mask = mask[:, None]                                            # [b, 1, s|1, m]
-        out = attend(q, k, v, mask=mask, bias=bias, scale=self.scale, dtype=dt, impl=self.impl, chunk=self.chunk)
+            mask = self_mask(key_valid, positions, kpos, causal, self.sliding_window)
+        out = attend(q, k, v, mask=mask, bias=bias, scale=self.scale, dtype=dt, impl=self.impl, chunk=self.chunk,
+                     sinks=None if self.sinks is None else self.sinks[...])
         y = jnp.einsum("bshx,hxd->bsd", out, self.o[...].astype(dt))
         if self.out_bias:
             y = y + self.o_bias[...].astype(dt)
         return y if cache is None else (y, cache)
+
+
+def self_mask(key_valid: jax.Array, positions: jax.Array | None, kpos: jax.Array | None, causal: bool,
+              window: int | None) -> jax.Array:
+    """Boolean attention mask ``[b, 1, s|1, m]`` from ``key_valid [b, m]`` (real keys), query /
+    key positions ``[b, s]`` / ``[b, m]`` (``causal``: keys at or before the query) and a sliding
+    ``window`` (keys fewer than ``window`` positions back)."""
+    mask = key_valid[:, None, :]
+    if causal or window is not None:
+        qp, kp = positions[:, :, None], kpos[:, None, :]
+        if causal:
+            mask = mask & (kp <= qp)
+        if window is not None:
+            mask = mask & (qp - kp < window)
+    return mask[:, None]
 
 
 @struct.dataclass
@@ -237,9 +317,13 @@ class KVCache:
 
     @classmethod
     def zeros(cls, batch: int, length: int, kv_heads: int, head_dim: int, dtype=jnp.float32,
-              ring: bool = False) -> KVCache:
+              ring: bool = False, v_dim: int | None = None) -> KVCache:
+        """Empty cache; ``v_dim`` (default ``head_dim``): the last dim of ``v`` when it differs (the
+        latent cache of :class:`moejax.models.mla.MLAttention` holds ``c_kv`` as ``k`` and the
+        shared RoPE key as ``v``)."""
         z = jnp.zeros((batch, length, kv_heads, head_dim), dtype)
-        return cls(k=z, v=z, valid=jnp.zeros((batch, length), bool), pos=jnp.zeros((batch, length), jnp.int32),
+        zv = z if v_dim is None else jnp.zeros((batch, length, kv_heads, v_dim), dtype)
+        return cls(k=z, v=zv, valid=jnp.zeros((batch, length), bool), pos=jnp.zeros((batch, length), jnp.int32),
                    index=jnp.zeros((), jnp.int32), ring=ring)
 
     def write(self, k, v, valid, pos) -> KVCache:

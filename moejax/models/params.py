@@ -19,6 +19,7 @@ from flax import nnx
 from moejax.models.build import abstract_model
 from moejax.models.encdec import RelativeBias
 from moejax.models.layers import Attention, Embed, LayerNorm, RMSNorm
+from moejax.models.mla import MLAttention
 from moejax.moe import MoeLayer
 from moejax.moe.experts import DenseFFN
 from moejax.tree import var_value
@@ -67,8 +68,8 @@ def count(model: nnx.Module) -> ParamReport:
         nbytes += n * np.dtype(var_value(var).dtype).itemsize
         active += n * frac
 
-    types = {Attention: "attention", RelativeBias: "attention", Embed: "embeddings", DenseFFN: "dense_ffn",
-             RMSNorm: "norms", LayerNorm: "norms"}
+    types = {Attention: "attention", MLAttention: "attention", RelativeBias: "attention", Embed: "embeddings",
+             DenseFFN: "dense_ffn", RMSNorm: "norms", LayerNorm: "norms"}
 
     def walk(module: nnx.Module, frac: float, inherited: str | None):
         if isinstance(module, MoeLayer):

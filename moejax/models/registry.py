@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from moejax.models.config import DecoderConfig, EncDecConfig, override
+from moejax.models.layers import Yarn
 from moejax.moe import MoeConfig
 
 
@@ -48,6 +49,46 @@ def _qwen_moe(d, layers, heads, kv, experts, k, moe_ff, dense_ff, vocab=151936, 
     return DecoderConfig(vocab_size=vocab, d_model=d, num_layers=layers, num_heads=heads, num_kv_heads=kv,
                          head_dim=head_dim, d_ff=dense_ff, norm_eps=eps, rope_theta=theta,
                          attention_bias=attention_bias, qk_norm=qk_norm, moe=moe, moe_every=1)
+
+
+def _deepseek(d, layers, heads, experts, k, moe_ff, dense_ff, shared, *, q_rank, first_dense, v3, groups=1,
+              top_groups=1, scale=1.0, vocab=102400, yarn=None, kv_rank=512, nope=128, rope=64, v=128,
+              eps=1e-6) -> DecoderConfig:
+    # DeepSeek-V2 / V3: MLA attention, the first k blocks dense, then fine-grained SwiGLU experts +
+    # ungated shared experts. V2: softmax scores, group-limited by each group's best expert, raw
+    # weights; V3: sigmoid scores + a selection bias, groups by their top-2 sum, renormalised. Both
+    # multiply the weights by routed_scaling_factor. YaRN softmax scale: (nope+rope)^-0.5 * m^2.
+    moe = MoeConfig(num_experts=experts, d_model=d, d_ff=moe_ff, top_k=k, dropless=True, activation="swiglu",
+                    num_shared_experts=1, shared_d_ff=shared * moe_ff, routed_scale=scale,
+                    num_expert_groups=groups, top_k_groups=top_groups,
+                    router_score="sigmoid" if v3 else "softmax", selection_bias=v3,
+                    group_score="top2_sum" if v3 else "max", weight_norm="topk" if v3 else "none")
+    rope_scaling, attn_scale = None, None
+    if yarn is not None:
+        factor, mscale, mscale_all = yarn
+        rope_scaling = Yarn(factor=factor, original_max_position=4096, mscale=mscale, mscale_all_dim=mscale_all)
+        attn_scale = (nope + rope) ** -0.5 * Yarn.get_mscale(factor, mscale_all) ** 2
+    return DecoderConfig(vocab_size=vocab, d_model=d, num_layers=layers, num_heads=heads, num_kv_heads=heads,
+                         head_dim=rope, d_ff=dense_ff, norm_eps=eps, rope_theta=10000.0, attention="mla",
+                         q_lora_rank=q_rank, kv_lora_rank=kv_rank, qk_nope_head_dim=nope, qk_rope_head_dim=rope,
+                         v_head_dim=v, rope_scaling=rope_scaling, attn_scale=attn_scale,
+                         first_dense_layers=first_dense, moe=moe, moe_every=1)
+
+
+_GPT_OSS_YARN = Yarn(factor=32.0, original_max_position=4096, truncate=False)
+
+
+def _gpt_oss(layers, experts, d=2880, heads=64, kv=8, head_dim=64, f=2880, k=4, vocab=201088, window=128,
+             yarn=_GPT_OSS_YARN) -> DecoderConfig:
+    # gpt-oss: biased GQA with per-head attention sinks, layers alternating a 128-token window and
+    # full attention, YaRN (truncate off), every layer MoE: a biased router, softmax over the top-4
+    # logits, clamped SwiGLU experts with biases
+    moe = MoeConfig(num_experts=experts, d_model=d, d_ff=f, top_k=k, weight_norm="topk", router_bias=True,
+                    use_bias=True, dropless=True, activation="clamped-swiglu")
+    return DecoderConfig(vocab_size=vocab, d_model=d, num_layers=layers, num_heads=heads, num_kv_heads=kv,
+                         head_dim=head_dim, d_ff=f, norm_eps=1e-5, rope_theta=150000.0, rope_scaling=yarn,
+                         attention_bias="all", attention_sinks=True, window_pattern=(window, None), moe=moe,
+                         moe_every=1)
 
 
 def _t5(d, f, heads, layers, dec_layers=None, experts=0, every=2, act="relu", group=8192, cf_train=1.25,
@@ -116,7 +157,27 @@ REGISTRY: dict[str, Callable[[], DecoderConfig | EncDecConfig]] = {
     # OLMoE-1B-7B-0924: 64 experts top-8, QK-norm over the whole projection, 6.92B / 1.28B active
     "olmoe_1b_7b": lambda: _qwen_moe(2048, 16, 16, 16, 64, 8, 1024, 1024, vocab=50304, qk_norm="full", eps=1e-5,
                                      theta=1e4),
+    # DeepSeek-V2-Lite (15.71B / 2.66B active), V2 (235.74B / 21.38B), V3 (671.03B / 37.55B; Kimi-K2
+    # shares the architecture): MLA, first layer(s) dense, 2 (V2) / 1 (V3) shared experts, YaRN x40
+    "deepseek_v2_lite": lambda: _deepseek(2048, 27, 16, 64, 6, 1408, 10944, 2, q_rank=None, first_dense=1, v3=False,
+                                          yarn=(40.0, 0.707, 0.707)),
+    "deepseek_v2": lambda: _deepseek(5120, 60, 128, 160, 6, 1536, 12288, 2, q_rank=1536, first_dense=1, v3=False,
+                                     groups=8, top_groups=3, scale=16.0, yarn=(40.0, 0.707, 0.707)),
+    "deepseek_v3": lambda: _deepseek(7168, 61, 128, 256, 8, 2048, 18432, 1, q_rank=1536, first_dense=3, v3=True,
+                                     groups=8, top_groups=4, scale=2.5, vocab=129280, yarn=(40.0, 1.0, 1.0)),
+    # gpt-oss-20b (20.915B / 4.187B active with embedding and head; the model card's 3.6B leaves out the
+    # input embedding) and gpt-oss-120b (116.829B / 5.712B; card 5.1B)
+    "gpt_oss_20b": lambda: _gpt_oss(24, 32),
+    "gpt_oss_120b": lambda: _gpt_oss(36, 128),
     # tiny configs for tests and CPU runs
+    "tiny_gpt_oss": lambda: _gpt_oss(4, 8, d=64, heads=4, kv=2, head_dim=16, f=32, k=2, vocab=256, window=4,
+                                     yarn=Yarn(factor=4.0, original_max_position=16, truncate=False)),
+    "tiny_deepseek_v2": lambda: _deepseek(64, 3, 4, 8, 2, 32, 128, 2, q_rank=None, first_dense=1, v3=False,
+                                          groups=4, top_groups=2, scale=2.0, vocab=256, kv_rank=32, nope=16,
+                                          rope=8, v=16),
+    "tiny_deepseek_v3": lambda: _deepseek(64, 3, 4, 8, 2, 32, 128, 1, q_rank=48, first_dense=1, v3=True,
+                                          groups=4, top_groups=2, scale=2.5, vocab=256, kv_rank=32, nope=16,
+                                          rope=8, v=16, yarn=(4.0, 1.0, 1.0)),
     "tiny_qwen2_moe": lambda: _qwen_moe(64, 2, 4, 2, 8, 2, 32, 128, vocab=256, head_dim=16, shared_ff=64,
                                         attention_bias="qkv"),
     "tiny_qwen3_moe": lambda: _qwen_moe(64, 2, 4, 2, 8, 2, 32, 128, vocab=256, head_dim=32, norm_topk=True,

@@ -59,10 +59,10 @@ def scan_periods(stack: nnx.Module, x: jax.Array, caches, deterministic: bool, r
 
 
 def empty_caches(periods: int, period: int, batch: int, length: int, kv_heads: int, head_dim: int,
-                 dtype, ring: bool = False) -> tuple:
+                 dtype, ring: bool = False, v_dim: int | None = None) -> tuple:
     """Empty KV caches of a scanned stack: one per block of a period, each stacked on ``[l]``
-    (``ring``: sliding-window ring buffers of ``length`` slots)."""
-    one = KVCache.zeros(batch, length, kv_heads, head_dim, dtype, ring=ring)
+    (``ring``: sliding-window ring buffers of ``length`` slots; ``v_dim``: see :meth:`KVCache.zeros`)."""
+    one = KVCache.zeros(batch, length, kv_heads, head_dim, dtype, ring=ring, v_dim=v_dim)
     return tuple(jax.tree.map(lambda z: jnp.broadcast_to(z, (periods,) + z.shape), one) for _ in range(period))
 
 

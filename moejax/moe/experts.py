@@ -2,6 +2,8 @@
 
 ``split-swiglu`` is T5X's / OpenMoE's SwiGLU: the gate projection ``wi_0`` is ``2f`` wide and
 ``h = (g[:f] * silu(g[f:])) * (x wi_1)`` (4 matrices' worth of params per FFN, not 3).
+``clamped-swiglu`` is gpt-oss's: with gate ``g = x wi_0`` and up ``u = x wi_1`` (biases added),
+``g' = min(g, 7)``, ``h = (clip(u, -7, 7) + 1) * g' * sigmoid(1.702 g')``.
 
 Shape letters (README legend): ``e`` experts, ``g`` groups, ``c`` capacity, ``z`` rows of
 a sorted (ragged) list, ``d`` d_model, ``f`` d_ff.
@@ -30,17 +32,28 @@ def _split_silu(g):
     return g[..., :half] * jax.nn.silu(g[..., half:])
 
 
-# gated activation -> function applied to the gate projection
+def _clamped_swiglu(g, u, limit: float = 7.0, alpha: float = 1.702):
+    g = jnp.minimum(g, limit)
+    return (jnp.clip(u, -limit, limit) + 1) * (g * jax.nn.sigmoid(alpha * g))
+
+
+def _times_up(act):
+    return lambda g, u: act(g) * u
+
+
+# gated activation -> h(gate projection, up projection)
 _GATED = {
-    Activation.GATED_GELU: _ACT[Activation.GELU],
-    Activation.GATED_GELU_EXACT: _ACT[Activation.GELU_EXACT],
-    Activation.SWIGLU: jax.nn.silu,
-    Activation.SPLIT_SWIGLU: _split_silu,
+    Activation.GATED_GELU: _times_up(_ACT[Activation.GELU]),
+    Activation.GATED_GELU_EXACT: _times_up(_ACT[Activation.GELU_EXACT]),
+    Activation.SWIGLU: _times_up(jax.nn.silu),
+    Activation.SPLIT_SWIGLU: _times_up(_split_silu),
+    Activation.CLAMPED_SWIGLU: _clamped_swiglu,
 }
 
 
 def activation_fn(name: str):
-    """(activation function, gated?) for an activation name; ValueError lists valid names."""
+    """(activation, gated?) for an activation name: ``act(pre)`` for a plain FFN, ``act(gate, up)``
+    for a gated one (the hidden activations from both projections); ValueError lists valid names."""
     check("activation", name, Activation)
     act = Activation(name)
     return (_GATED[act], True) if act in _GATED else (_ACT[act], False)
@@ -170,7 +183,7 @@ class Experts(nnx.Module):
 
     def _hidden(self, up, up_gate, deterministic, rngs):
         """up: x@wi (or x@wi_0), up_gate: x@wi_1 (gated only) -> hidden activations."""
-        h = self.act(up) * up_gate if self.gated else self.act(up)
+        h = self.act(up, up_gate) if self.gated else self.act(up)
         if self.dropout is not None:
             h = self.dropout(h, deterministic=deterministic, rngs=rngs)
         return h
@@ -284,7 +297,7 @@ class DenseFFN(nnx.Module):
             up = up + w("bi")
         if self.gated:
             gate = x @ w("wi_1")
-            h = self.act(up) * (gate + w("bi_1") if self.use_bias else gate)
+            h = self.act(up, gate + w("bi_1") if self.use_bias else gate)
         else:
             h = self.act(up)
         y = h @ w("wo")

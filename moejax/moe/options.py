@@ -94,6 +94,7 @@ class Activation(enum.StrEnum):
     GATED_GELU_EXACT = "gated-gelu_exact"
     SWIGLU = "swiglu"
     SPLIT_SWIGLU = "split-swiglu"
+    CLAMPED_SWIGLU = "clamped-swiglu"
 
 
 #: ``MoeConfig.quant_bits``: weight-only quantization widths of the experts.

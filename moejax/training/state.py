@@ -99,6 +99,8 @@ class StepFns:
         self.factory = lambda: build_model(cfg, nnx.Rngs(seed))
         abstract = nnx.eval_shape(self.factory)
         self.graphdef, self.abstract_params, _ = nnx.split(abstract, nnx.Param, ...)
+        if not self.bias_update_rate >= 0:
+            raise ValueError(f"bias_update_rate must be >= 0, got {self.bias_update_rate}")
         biases = bias_paths(abstract)
         if self.freeze or biases:
             flat = {}

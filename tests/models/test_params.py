@@ -42,7 +42,12 @@ def closed_form(cfg):
     attn = d * h * x * 2 + d * k * x * 2
     attn += {"none": 0, "qkv": (h + 2 * k) * x, "all": (h + 2 * k) * x + d}[cfg.attention_bias]
     attn += {"none": 0, "head": 2 * x, "full": (h + k) * x}[cfg.qk_norm]
+    if cfg.attention == "mla":       # DeepSeek: q (or q_a + norm + q_b), kv_a, kv norm, kv_b, o
+        n, p, y, r, q = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank, cfg.q_lora_rank
+        attn = (d * h * (n + p) if q is None else d * q + q + q * h * (n + p)) + d * (r + p) + r
+        attn += r * h * (n + y) + h * y * d
     norms = 2 * d
+    attn += h * cfg.attention_sinks
     mats = {"swiglu": 3, "split-swiglu": 4}.get(cfg.activation, 2)
     emb = v * d * (1 if cfg.tie_embeddings else 2)
     total = emb + d
@@ -52,11 +57,14 @@ def closed_form(cfg):
         active += attn + norms
         if cfg.is_sparse(i):
             e, f, kk = cfg.moe.num_experts, cfg.moe.d_ff, cfg.moe.top_k
-            experts = e * mats * d * f
+            emats = {"swiglu": 3, "clamped-swiglu": 3, "split-swiglu": 4}.get(cfg.moe.activation, 2)
+            gated = emats > 2
+            experts = e * (emats * d * f + (((2 if gated else 1) * f + d) if cfg.moe.use_bias else 0))
             extra = (mats * d * cfg.d_ff + d) if cfg.moe_extra_mlp else 0
             extra += mats * d * (cfg.moe.shared_d_ff or f) * cfg.moe.num_shared_experts + d * cfg.moe.shared_gate
-            total += experts + d * e + extra
-            active += experts * kk / e + d * e + extra
+            router = d * e + e * cfg.moe.selection_bias + e * cfg.moe.router_bias
+            total += experts + router + extra
+            active += experts * kk / e + router + extra
         else:
             total += mats * d * cfg.d_ff
             active += mats * d * cfg.d_ff
@@ -96,6 +104,15 @@ def test_counts_match_closed_form(name):
     ("qwen3_30b_a3b", 30.532e9, 3.353e9),
     ("qwen3_235b_a22b", 235.094e9, 22.191e9),
     ("olmoe_1b_7b", 6.919e9, 1.282e9),
+    # DeepSeek (computed from the released configs): V2-Lite 15.706B / 2.661B (published 15.7B / 2.4B
+    # without the input embedding), V2 235.741B / 21.376B (236B / 21B), V3 671.026B / 37.552B (671B / 37B)
+    ("deepseek_v2_lite", 15.706e9, 2.661e9),
+    ("deepseek_v2", 235.741e9, 21.376e9),
+    ("deepseek_v3", 671.026e9, 37.552e9),
+    # gpt-oss (model card 21B / 3.6B and 117B / 5.1B: active without the input embedding; computed
+    # from the configs: 20.915B / 4.187B and 116.829B / 5.712B with it)
+    ("gpt_oss_20b", 20.915e9, 4.187e9),
+    ("gpt_oss_120b", 116.829e9, 5.712e9),
 ])
 def test_published_counts(name, total, active):
     rep = report(get_config(name))

@@ -101,6 +101,11 @@ def expert_apply(params, ex, v, activation):
         up = v @ params["wi_1"][ex] + (params["bi_1"][ex] if "bi" in params else 0.0)
         f = up.shape[-1]
         h = g[:f] * (g[f:] * jax.nn.sigmoid(g[f:])) * up
+    elif activation == "clamped-swiglu":        # gpt-oss
+        g = v @ params["wi_0"][ex] + (params["bi"][ex] if "bi" in params else 0.0)
+        u = v @ params["wi_1"][ex] + (params["bi_1"][ex] if "bi" in params else 0.0)
+        g = jnp.minimum(g, 7.0)
+        h = (jnp.clip(u, -7.0, 7.0) + 1.0) * g * jax.nn.sigmoid(1.702 * g)
     elif activation in ("gated-gelu", "swiglu"):
         act = jax.nn.silu if activation == "swiglu" else (lambda z: jax.nn.gelu(z, approximate=True))
         h = act(v @ params["wi_0"][ex]) * (v @ params["wi_1"][ex])

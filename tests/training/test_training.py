@@ -217,6 +217,8 @@ def test_mesh_and_batch_errors(devices):
     ("tiny_qwen2_moe", "corpus_lm", {"targets": 48}),       # gated shared expert, q/k/v biases
     ("tiny_qwen3_moe", "corpus_lm", {"targets": 48}),       # per-head QK-norm, head_dim 32 on d_model 64
     ("tiny_olmoe", "corpus_lm", {"targets": 48}),           # QK-norm over the whole projection
+    ("tiny_deepseek_v3", "corpus_lm", {"targets": 48}),     # MLA, a dense first layer, sigmoid + bias routing
+    ("tiny_gpt_oss", "corpus_lm", {"targets": 48}),         # sinks, alternating windows, clamped SwiGLU
     ("tiny_openmoe", "synth_sort", {"inputs": 24, "targets": 16}),      # PrefixLM sequences
 ])
 def test_decoder_only_training_and_eval(tmp_path, model, task, lengths):
