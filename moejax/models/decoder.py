@@ -1,4 +1,5 @@
-"""Decoder-only transformer (Llama / Mistral dense, Mixtral, OpenMoE) with scanned layer periods.
+"""Decoder-only transformer (Llama / Mistral dense, Mixtral, OpenMoE, Qwen-MoE, OLMoE, DeepSeek, gpt-oss)
+with scanned layer periods (and a scanned dense prefix: DeepSeek).
 
 Shape letters (README legend): ``b`` batch, ``s`` sequence,
 ``d`` d_model, ``v`` vocab, ``l`` scanned periods.

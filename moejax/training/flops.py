@@ -74,8 +74,14 @@ def train_step_flops(cfg, batch: int, lengths: dict) -> float:
     rep = count(model)
     embed = rep.by_component.get("embeddings", 0)
     active = rep.active - embed + head
-    keys = min(s, cfg.sliding_window) if cfg.sliding_window else s
-    return batch * _stack_flops(active, s, cfg.num_layers, cfg.num_heads, cfg.head_dim, keys)
+    qk, v = cfg.head_dim, cfg.head_dim
+    if cfg.attention == "mla":                          # DeepSeek: q.k over nope + rope dims, values of v dims
+        qk, v = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim
+    attn = 0.0
+    for layer in range(cfg.num_layers):                # each layer's keys: its sliding window, if any
+        w = cfg.window(layer)
+        attn += 6.0 * cfg.num_heads * (qk + v) * (min(s, w) if w else s) * s
+    return batch * (6.0 * active * s + attn)
 
 
 def mfu(step_flops: float, steps_per_sec: float, devices: int, peak: float) -> float:
