@@ -192,9 +192,6 @@ class MoeConfig:
             raise ValueError(f"group_score='top2_sum' needs >= 2 experts per group, got {e // n}")
         if not self.routed_scale > 0:
             raise ValueError(f"routed_scale must be > 0, got {self.routed_scale}")
-        if self.deepseek_routing and self.router != "top_k":
-            raise ValueError(f"router_score / num_expert_groups / selection_bias / routed_scale need router='top_k', "
-                             f"got router={self.router!r}")
         if self.deepseek_routing and self.second_expert_policy != "all":
             raise ValueError(f"second_expert_policy={self.second_expert_policy!r} cannot be combined with "
                              f"router_score / num_expert_groups / selection_bias / routed_scale; use 'all'")

@@ -66,10 +66,12 @@ class Router(nnx.Module):
     ``MoeConfig.validate``): ``uses_task_ids`` (routes by the example's task id, ``task_ids [b]``
     needed), ``fixed_capacity`` (capacity is the routing rule itself: dropless is invalid),
     ``second_expert_policies`` (top-2 policies other than ``all`` it implements), ``expert_map``
-    (can serve merged experts).
+    (can serve merged experts), ``scored_routing`` (implements the sigmoid / group-limited /
+    selection-bias / routed-scale options).
     """
 
     uses_task_ids: bool = False
+    scored_routing: bool = False
     fixed_capacity: bool = False
     second_expert_policies: tuple[str, ...] = ()
     expert_map: bool = False
@@ -91,6 +93,9 @@ class Router(nnx.Module):
             if bad or not cls.expert_map:
                 raise ValueError(f"expert_map entries must lie in [0, {cfg.num_experts}) and need router='top_k'; "
                                  f"got {bad or cfg.router!r}")
+        if cfg.deepseek_routing and not cls.scored_routing:
+            raise ValueError(f"router_score / num_expert_groups / selection_bias / routed_scale need router='top_k', "
+                             f"got router={cfg.router!r}")
         if cls.fixed_capacity and cfg.dropless:
             raise ValueError(f"router={cfg.router!r} has a fixed capacity by design; dropless=True is invalid")
 
@@ -190,6 +195,7 @@ class TopKRouter(LinearRouter):
 
     second_expert_policies = (SecondExpertPolicy.RANDOM.value, SecondExpertPolicy.SAMPLING.value)
     expert_map = True
+    scored_routing = True
 
     def plan(self, logits, mask, *, capacity, router_in, deterministic, rngs):
         cfg = self.cfg
