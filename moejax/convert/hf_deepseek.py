@@ -75,7 +75,7 @@ FIELDS = FieldTable(
         "kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "v_head_dim", "qk_nope_head_dim", "qk_head_dim",
         "head_dim", "n_group", "topk_group", "topk_method", "scoring_func", "num_experts_per_tok",
         "first_k_dense_replace", "norm_topk_prob", "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters",
-        "rope_interleave", "tie_word_embeddings", "max_position_embeddings", "num_nextn_predict_layers"}),
+        "rope_interleave", "tie_word_embeddings", "num_nextn_predict_layers"}),
     inert={
         **DECODER_INERT,
         "max_position_embeddings": "read only as YaRN's original length when rope_scaling leaves it out",
@@ -96,11 +96,10 @@ def _yarn(hf: dict, model_type: str) -> tuple[float, Yarn | None]:
     return theta, None if params is None else yarn(params, hf, model_type)
 
 
-def interleaved(cfg_or_hf) -> bool:
-    """Does the HF checkpoint store RoPE pairs interleaved (V2 always; V3 unless rope_interleave false)?"""
-    if isinstance(cfg_or_hf, dict):
-        return cfg_or_hf.get("model_type") == "deepseek_v2" or bool(cfg_or_hf.get("rope_interleave", True))
-    return True
+def interleaved(hf: dict) -> bool:
+    """Does the HF checkpoint (its ``config.json``) store RoPE pairs interleaved (V2 always; V3
+    unless ``rope_interleave: false``)?"""
+    return hf.get("model_type") == "deepseek_v2" or bool(hf.get("rope_interleave", True))
 
 
 def config_from_hf(hf: dict, *, ignore_fields=(), weights=None, **overrides) -> DecoderConfig:

@@ -55,7 +55,7 @@ FIELDS = FieldTable(
         "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
         "num_key_value_heads", "head_dim", "num_local_experts", "num_experts_per_tok", "sliding_window",
         "layer_types", "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters", "tie_word_embeddings",
-        "max_position_embeddings", "quantization_config"}),
+        "quantization_config"}),
     inert={**DECODER_INERT, "router_aux_loss_coef": TRAINING_ONLY,
            "max_position_embeddings": "read only as YaRN's original length when rope_scaling leaves it out"},
     fixed={"hidden_act": ("silu",), "attention_bias": (True, None), "swiglu_limit": (7.0, None)},
