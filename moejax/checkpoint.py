@@ -29,8 +29,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from moejax.distributed import barrier, is_primary
 from moejax.models.build import build_model
-from moejax.models.config import DecoderConfig, EncDecConfig, ModelConfig
+from moejax.models.config import RUNTIME_FIELDS, DecoderConfig, EncDecConfig, ModelConfig, config_diff
 from moejax.models.layers import Yarn
 from moejax.moe import MoeConfig
 from moejax.sharding import DEFAULT_RULES, Rules, state_shardings
@@ -124,6 +125,10 @@ def _is_legacy(path: str) -> bool:
 
 # ----------------------------------------------------------------------------- steps
 
+class CheckpointMismatch(ValueError):
+    """A checkpoint holds another model's params or another optimizer's state (not damage)."""
+
+
 class Checkpointer:
     """Steps of one checkpoint directory (``<dir>/checkpoints/<step>``): save / restore a trainer
     :class:`moejax.training.state.TrainState` (items ``params``, ``opt_state``, ``step``) or params
@@ -136,8 +141,11 @@ class Checkpointer:
         self.directory = os.path.join(os.path.abspath(path), "checkpoints")
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                enable_async_checkpointing=not low_memory)
-        handlers = {"params": ocp.StandardCheckpointHandler(save_concurrent_gb=1),
-                    "step": ocp.StandardCheckpointHandler()} if low_memory else None
+        # explicit handlers: the items' metadata (names, shapes) can then be read before any restore
+        gb = {"save_concurrent_gb": 1} if low_memory else {}
+        handlers = {"params": ocp.StandardCheckpointHandler(**gb), "step": ocp.StandardCheckpointHandler()}
+        if not low_memory:
+            handlers["opt_state"] = ocp.StandardCheckpointHandler()
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
     def latest_step(self) -> int | None:
@@ -167,8 +175,11 @@ class Checkpointer:
         self.manager.wait_until_finished()
 
     def restore(self, abstract_state, step: int | None = None):
-        """Read a train state at ``step`` (default latest) into the shardings of ``abstract_state``."""
+        """Read a train state at ``step`` (default latest) into the shardings of ``abstract_state``.
+        A checkpoint of another model or optimizer is a ValueError saying which (not orbax's tree
+        diff)."""
         step = self.latest_step() if step is None else step
+        self.check_items(step, {k: getattr(abstract_state, k) for k in ("params", "opt_state")})
         items = {k: ocp.args.StandardRestore(flatten(getattr(abstract_state, k), path_str))
                  for k in ("params", "opt_state")}
         items["step"] = ocp.args.StandardRestore({"step": abstract_state.step})
@@ -176,6 +187,88 @@ class Checkpointer:
         return type(abstract_state)(params=unflatten(abstract_state.params, got["params"], path_str),
                                     opt_state=unflatten(abstract_state.opt_state, got["opt_state"], path_str),
                                     step=got["step"]["step"])
+
+    def metadata(self, step: int) -> dict:
+        """``{item: {flat key: (shape, dtype name)}}`` of ``step``, from its metadata alone."""
+        meta = self.manager.item_metadata(step)
+        out = {}
+        for item in ("params", "opt_state"):
+            tree = meta.get(item) if hasattr(meta, "get") else getattr(meta, item, None)
+            tree = getattr(tree, "tree", tree)
+            if tree is not None:
+                out[item] = {k: (tuple(v.shape), np.dtype(v.dtype).name) for k, v in dict(tree).items()}
+        return out
+
+    def check_items(self, step: int, abstract: dict) -> None:
+        """ValueError when ``step`` holds other keys or shapes than ``abstract`` (``{item: tree}``):
+        ``params`` -> another model, ``opt_state`` -> another optimizer. Metadata that cannot be read
+        is left to the restore (a damaged checkpoint)."""
+        try:
+            saved = self.metadata(step)
+        except Exception:          # noqa: BLE001  (damage: the restore itself reports it)
+            return
+        what = {"params": "another model's parameters", "opt_state": "the state of another optimizer"}
+        for item, tree in abstract.items():
+            if item not in saved:
+                continue
+            want = {k: tuple(v.shape) for k, v in flatten(tree, path_str).items()}
+            have = {k: v[0] for k, v in saved[item].items()}
+            if want == have:
+                continue
+            missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+            shapes = [k for k in sorted(set(want) & set(have)) if want[k] != have[k]]
+            detail = []
+            if missing:
+                detail.append(f"{len(missing)} expected tensors missing (e.g. {missing[0]!r})")
+            if extra:
+                detail.append(f"{len(extra)} unexpected (e.g. {extra[0]!r})")
+            if shapes:
+                detail.append(f"{len(shapes)} of other shapes (e.g. {shapes[0]!r}: {have[shapes[0]]} saved, "
+                              f"{want[shapes[0]]} expected)")
+            hint = ("resume with the optimizer the run was trained with (or start a new MODEL_DIR from its params "
+                    "with INITIAL_CHECKPOINT_PATH)" if item == "opt_state" else "use the model it was trained with")
+            raise CheckpointMismatch(f"checkpoint {step} in {self.directory} holds {what[item]} "
+                                     f"({'; '.join(detail)}); {hint}")
+
+    def restore_intact(self, abstract_state, check=None):
+        """The newest step that restores (and passes ``check(state)``, which raises on a bad one, e.g.
+        non-finite params): a damaged newer step (truncated or garbage files, an empty directory) is
+        reported by step, renamed to ``<step>.damaged`` (kept for inspection, ignored from then on)
+        and the previous one tried. A checkpoint of another model or optimizer is not damage: a
+        ValueError. ValueError too when no step is intact."""
+        damaged = []
+        for step in reversed(self.all_steps()):
+            self.check_items(step, {k: getattr(abstract_state, k) for k in ("params", "opt_state")})
+            try:
+                state = self.restore(abstract_state, step)
+                if check is not None:
+                    check(state)
+            except CheckpointMismatch:
+                raise
+            except ValueError as e:
+                reason = str(e).splitlines()[0]
+            except Exception as e:          # noqa: BLE001  (any reader failure = a damaged step)
+                reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+            else:
+                if damaged:
+                    self.manager.reload()
+                return state
+            damaged.append(step)
+            aside = self._set_aside(step)
+            print(f"warning: checkpoint {step} in {self.directory} is damaged ({reason}); kept as {aside}, "
+                  "trying the previous step", flush=True)
+        raise ValueError(f"no intact checkpoint in {self.directory} (damaged: steps {damaged}, renamed *.damaged); "
+                         "move them away to start afresh")
+
+    def _set_aside(self, step: int) -> str:
+        src = os.path.join(self.directory, str(step))
+        dst, n = src + ".damaged", 1
+        while os.path.exists(dst):
+            dst, n = f"{src}.damaged{n}", n + 1
+        if is_primary():
+            os.rename(src, dst)
+        barrier(f"moejax_set_aside_{step}")
+        return os.path.basename(dst)
 
     def restore_params(self, abstract_params, step: int | None = None):
         """Only the ``params`` item at ``step`` (default latest)."""
@@ -224,11 +317,21 @@ def _load_legacy_params(path: str, abstract_params):
 
 def load_params(path: str, abstract_params, expect: ModelConfig | None = None, step: int | None = None):
     """The params stored at ``path`` (latest step unless ``step``) read into ``abstract_params``
-    (ShapeDtypeStructs with shardings). ``expect``: a config whose architecture must match."""
+    (ShapeDtypeStructs with shardings). ``expect``: the config they are for; a checkpoint of other
+    parameter names or shapes (another size, a merged or quantized model) is a
+    :class:`CheckpointMismatch` naming the config fields that differ and a tensor."""
     path = os.path.abspath(path)
     saved = read_config(path)
+
+    def mismatch(detail: str):
+        shown = ""
+        if expect is not None:
+            diff = [(k, a, b) for k, a, b in config_diff(saved, expect) if k.rsplit(".", 1)[-1] not in RUNTIME_FIELDS]
+            shown = ", ".join(f"{k}={a!r} there, {b!r} here" for k, a, b in diff[:4])
+        return CheckpointMismatch(f"{path!r} holds another model" + (f" ({shown})" if shown else "") + f": {detail}")
+
     if expect is not None and _arch(saved) != _arch(expect):
-        raise ValueError(f"{path!r} holds another model ({_arch(saved)}), not {_arch(expect)}")
+        raise mismatch(f"{_arch(saved)}, not {_arch(expect)}")
     try:
         if _is_legacy(path):
             return _load_legacy_params(path, abstract_params)
@@ -236,6 +339,11 @@ def load_params(path: str, abstract_params, expect: ModelConfig | None = None, s
         try:
             if ckpt.latest_step() is None:
                 raise ValueError(f"{path!r} has no checkpoints")
+            step = ckpt.latest_step() if step is None else step
+            try:
+                ckpt.check_items(step, {"params": abstract_params})
+            except CheckpointMismatch as e:
+                raise mismatch(str(e).split(" holds ", 1)[-1]) from None
             return ckpt.restore_params(abstract_params, step)
         finally:
             ckpt.close()

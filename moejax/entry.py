@@ -8,6 +8,7 @@ files; :func:`check_required_macros` names every one left unset.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -70,16 +71,42 @@ def model_config(name: str = gin.REQUIRED, overrides: dict | None = None, vocab_
 
 
 @gin.configurable(module="moejax")
+def checkpoint_config(path: str = gin.REQUIRED):
+    """The model config stored in the moejax checkpoint at ``path`` (``MODEL = @moejax.checkpoint_config()``
+    trains or evaluates the model a checkpoint holds, e.g. a ``moejax merge`` output)."""
+    from moejax.checkpoint import read_config
+
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"moejax.checkpoint_config.path must be a checkpoint directory, got {path!r}")
+    return read_config(os.path.expanduser(path))
+
+
+@gin.configurable(module="moejax")
 def run(mode: str, model_dir: str = gin.REQUIRED, model=gin.REQUIRED, train_config: TrainConfig = gin.REQUIRED,
         optimizer=None, checkpoint: str | None = None, compute_dtype: str | None = None,
-        expert_dropout: float | None = None, remat: str | None = None, param_dtype: str | None = None):
+        expert_dropout: float | None = None, remat: str | None = None, param_dtype: str | None = None,
+        text_files=None, on_start=None):
     """``mode``: ``train`` / ``eval`` / ``infer``. ``model`` is a config (``@moejax.model_config()``);
     ``compute_dtype='bfloat16'`` computes in bf16 with float32 params; ``expert_dropout`` sets the
     MoE layers' dropout on the expert hidden layer (finetuning); ``remat`` the scanned blocks'
     rematerialisation policy (:mod:`moejax.models.remat`); ``param_dtype='bfloat16'`` stores the
-    params in bf16 (pair it with ``moejax.optimizer.master_weights = True`` for an f32 master copy)."""
-    if not model_dir:
-        raise ValueError("MODEL_DIR is empty; pass --gin.MODEL_DIR=\"'/path/to/run'\"")
+    params in bf16 (pair it with ``moejax.optimizer.master_weights = True`` for an f32 master copy);
+    ``text_files``: a glob or list of globs of the user's text (``TEXT_FILES``), registered as the tasks
+    ``text_files_span_corruption`` and ``text_files_lm`` (``moejax.tasks.register_text_files``).
+    ``on_start()`` runs once the run is accepted (the CLI writes ``config.gin`` there)."""
+    if not isinstance(model_dir, str) or not model_dir:
+        raise ValueError(f"MODEL_DIR must be a directory path, got {model_dir!r}; pass "
+                         "--gin.MODEL_DIR=\"'/path/to/run'\"")
+    if not dataclasses.is_dataclass(model) or not hasattr(model, "validate"):
+        raise ValueError(f"MODEL must be a model config (e.g. load a models/*.gin file), got {model!r}")
+    for name, value in (("COMPUTE_DTYPE", compute_dtype), ("PARAM_DTYPE", param_dtype), ("REMAT", remat),
+                        ("CHECKPOINT_PATH", checkpoint)):
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"{name} must be a string or None, got {value!r}")
+    if text_files is not None:
+        from moejax.tasks import register_text_files
+
+        register_text_files(text_files)
     overrides = {}
     if remat is not None:
         overrides["remat"] = remat
@@ -90,9 +117,9 @@ def run(mode: str, model_dir: str = gin.REQUIRED, model=gin.REQUIRED, train_conf
                      overrides).validate()
     model_dir = os.path.abspath(os.path.expanduser(model_dir))
     if mode == "train":
-        return train(model_dir, model, train_config, optimizer)
+        return train(model_dir, model, train_config, optimizer, on_start=on_start)
     if mode == "eval":
-        return run_eval(model_dir, model, train_config, checkpoint)
+        return run_eval(model_dir, model, train_config, checkpoint, on_start=on_start)
     if mode == "infer":
-        return run_infer(model_dir, model, train_config, checkpoint)
+        return run_infer(model_dir, model, train_config, checkpoint, on_start=on_start)
     raise ValueError(f"unknown mode {mode!r}; valid: train, eval, infer")

@@ -42,7 +42,12 @@ def _parse_mesh(text: str) -> dict[str, int]:
         if "=" not in part:
             raise ValueError(f"bad --mesh entry {part!r}; expected name=size, e.g. data=64,expert=8,model=4")
         name, size = part.split("=", 1)
+        if not size.strip().isdigit() or int(size) < 1:
+            raise ValueError(f"bad --mesh entry {part!r}: the size must be an integer >= 1")
         mesh[name.strip()] = int(size)
+    from moejax.sharding import check_mesh_axes
+
+    check_mesh_axes(mesh)
     return mesh
 
 
@@ -68,9 +73,18 @@ def cmd_params(args) -> int:
     return 0
 
 
+def _positive(args, *names) -> None:
+    for n in names:
+        v = getattr(args, n)
+        if v < 1:
+            raise ValueError(f"--{n} must be >= 1, got {v}")
+
+
 def cmd_layout(args) -> int:
     from moejax.layout import table
     from moejax.models.registry import names
+
+    _positive(args, "devices", "batch", "seq")
 
     if args.model:
         return _memory_plan(args)
@@ -86,7 +100,7 @@ def _memory_plan(args) -> int:
     from moejax.training.memory import parse_bytes, plan
 
     if not args.mesh:
-        raise SystemExit("moejax layout --model needs --mesh, e.g. --mesh fsdp=32,expert=8")
+        raise ValueError("moejax layout --model needs --mesh, e.g. --mesh fsdp=32,expert=8")
     cfg = get_config(args.model)
     lengths = {"targets": args.seq}
     if isinstance(cfg, EncDecConfig):
@@ -213,6 +227,77 @@ def _init_distributed(args) -> None:
         initialize(args.coordinator_address, args.process_count, args.process_index)
 
 
+def _syntax_error(binding: str) -> SyntaxError | None:
+    """gin's parse error of one ``KEY = VALUE`` binding on its own, or None."""
+    import gin
+    from gin import config_parser
+
+    try:
+        for _ in config_parser.ConfigParser(binding, gin.config.ParserDelegate(skip_unknown=True)):
+            pass
+    except SyntaxError as e:
+        return e
+    return None
+
+
+def _check_binding_syntax(bindings: list[str]) -> None:
+    """A ValueError naming the first ``--gin.`` flag gin cannot parse, with the quoting hint."""
+    for b in bindings:
+        if _syntax_error(b) is None:
+            continue
+        key, val = (x.strip() for x in b.split("=", 1))
+        hint = ""
+        if not (val[:1] in "'\"" and val[-1:] == val[:1] and len(val) > 1):
+            hint = f"; strings need gin quotes: --gin.{key}=\"'{val.strip(chr(39) + chr(34))}'\""
+        raise ValueError(f"--gin.{key}={val}: gin cannot parse the value {val!r}{hint}")
+
+
+def _referenced_macros() -> set[str]:
+    """Names of the macros the parsed gin config refers to (``%NAME`` anywhere in a value)."""
+    import gin
+
+    seen: set[str] = set()
+
+    def walk(v):
+        sel = getattr(v, "scoped_selector", None)
+        if isinstance(sel, str) and sel.endswith("/gin.macro"):
+            seen.add(sel[: -len("/gin.macro")])
+        if isinstance(v, dict):
+            for x in v.values():
+                walk(x)
+        elif isinstance(v, (list, tuple, set)):
+            for x in v:
+                walk(x)
+
+    for params in gin.config._CONFIG.values():       # gin keeps no public index of references
+        for value in params.values():
+            walk(value)
+    return seen
+
+
+def _check_cli_macros(bindings: list[str]) -> None:
+    """A ValueError for a ``--gin.NAME=`` macro that no loaded gin file uses (a typo would otherwise
+    be ignored), with the closest macro names."""
+    import difflib
+
+    used = _referenced_macros()
+    for b in bindings:
+        key = b.split("=", 1)[0].strip()
+        if "." in key or "/" in key or key in used:
+            continue
+        close = difflib.get_close_matches(key, sorted(used), 3)
+        raise ValueError(f"--gin.{key}: no loaded gin file uses the macro {key}"
+                         + (f"; did you mean {', '.join(close)}?" if close else
+                            f"; the macros in use: {', '.join(sorted(used))}"))
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def cmd_gin(args, extra) -> int:
     import gin
     from moejax import entry
@@ -222,6 +307,7 @@ def cmd_gin(args, extra) -> int:
 
     gin.clear_config()
     bindings = parse_gin_flags(extra)
+    _check_binding_syntax(bindings)
     known = getattr(gin.config, "_LOCATION_PREFIXES", [])
     dirs = [os.path.abspath(p) for paths in args.gin_search_paths or [] for p in paths.split(",") if p]
     for d in dirs + [entry.shipped_gin_dir()]:
@@ -235,23 +321,30 @@ def cmd_gin(args, extra) -> int:
         gin.parse_config_files_and_bindings(args.gin_file, bindings, finalize_config=False)
     finally:
         logging.getLogger().removeFilter(probe)
+    _check_cli_macros(bindings)
     entry.check_required_macros()          # names every unset macro (gin's own check stops at the first)
     gin.finalize()
-    model_dir = os.path.abspath(os.path.expanduser(gin.query_parameter("MODEL_DIR/macro.value")))
-    os.makedirs(model_dir, exist_ok=True)
+    model_dir = gin.query_parameter("MODEL_DIR/macro.value")
+    if not isinstance(model_dir, str) or not model_dir:
+        raise ValueError(f"MODEL_DIR must be a directory path, got {model_dir!r}; pass --gin.MODEL_DIR=\"'/path'\"")
+    model_dir = os.path.abspath(os.path.expanduser(model_dir))
+    suffix = "" if args.command == "train" else f"_{args.command}"   # eval / infer keep the training record
+
+    def record():                          # once the run is accepted: refused runs write nothing
+        if is_primary():
+            os.makedirs(model_dir, exist_ok=True)
+            _write_atomic(os.path.join(model_dir, f"config{suffix}.gin"), gin.config_str())
+
+    entry.run(args.command, on_start=record)
     if is_primary():
-        with open(os.path.join(model_dir, "config.gin"), "w") as f:
-            f.write(gin.config_str())
-    entry.run(args.command)
-    if is_primary():
-        with open(os.path.join(model_dir, "operative_config.gin"), "w") as f:
-            f.write(gin.operative_config_str())
+        _write_atomic(os.path.join(model_dir, f"operative_config{suffix}.gin"), gin.operative_config_str())
     return 0
 
 
 def cmd_launch(args, extra) -> int:
     from moejax.launch import launch_local
 
+    _positive(args, "processes", "devices_per_process")
     argv = [a for a in extra if a != "--"]
     if not argv:
         raise ValueError("nothing to launch; e.g. moejax launch --processes 2 -- train --gin_file=...")
@@ -327,6 +420,10 @@ def main(argv=None) -> int:
     pn.add_argument("--port", type=int, default=None, help="coordinator port (default: a free one)")
     pn.add_argument("--log_dir", default=None, help="where processes 1..N-1 log (default: a temp dir)")
     pn.set_defaults(fn=cmd_launch)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv and (argv.index("--debug") < argv.index("--") if "--" in argv else True)
+    if debug:
+        argv.remove("--debug")
     args, extra = p.parse_known_args(argv)
     try:
         if args.fn in (cmd_gin, cmd_launch):
@@ -334,10 +431,49 @@ def main(argv=None) -> int:
         if extra:
             p.error(f"unrecognized arguments: {' '.join(extra)}")
         return args.fn(args)
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except Exception as e:                 # noqa: BLE001  (every error becomes one line; --debug: the traceback)
+        if debug:
+            raise
+        return _report(e)
+
+
+def _first_line(e: BaseException) -> str:
+    """The message without gin's appended "In call to configurable ..." context lines."""
+    lines = [ln for ln in str(e).splitlines() if ln.strip()]
+    return lines[0].strip() if lines else type(e).__name__
+
+
+def _report(e: Exception) -> int:
+    """Print ``error: ...`` for ``e``; the exit code: 2 bad input, 143 preempted, 1 any other fault."""
+    from moejax.training.faults import NonFiniteError, Preempted
+
+    if isinstance(e, Preempted):
+        print(f"moejax: {_first_line(e)}", file=sys.stderr)
+        return 143
+    if isinstance(e, NonFiniteError):
+        print(f"error: {_first_line(e)}", file=sys.stderr)
+        return 1
+    if isinstance(e, (ValueError, OSError, SyntaxError)):
+        print(f"error: {_first_line(e)}", file=sys.stderr)
         return 2
+    if isinstance(e, (TypeError, LookupError)):
+        print(f"error: {type(e).__name__}: {_first_line(e)} (moejax --debug ... shows where)", file=sys.stderr)
+        return 2
+    print(f"error: internal error, {type(e).__name__}: {_first_line(e)} (rerun with moejax --debug for the "
+          "traceback)", file=sys.stderr)
+    return 1
+
+
+def cli() -> None:
+    """The ``moejax`` console script: :func:`main`, then exit at once on an error (no interpreter
+    teardown: a tf.data iterator's destructor there can block forever)."""
+    rc = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if rc:
+        os._exit(rc)
+    sys.exit(rc)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

@@ -54,6 +54,30 @@ def _rules_dict(rules: Rules) -> dict[str, MeshAxes]:
     return dict(rules)
 
 
+def rule_mesh_axes(rules: Rules = DEFAULT_RULES) -> tuple[str, ...]:
+    """The mesh axis names ``rules`` map logical axes to, in first-use order."""
+    out: list[str] = []
+    for _, axes in rules:
+        for a in (axes,) if isinstance(axes, str) else (axes or ()):
+            if a not in out:
+                out.append(a)
+    return tuple(out)
+
+
+def check_mesh_axes(shape: dict[str, int], rules: Rules = DEFAULT_RULES) -> None:
+    """ValueError naming any axis of a mesh ``shape`` that ``rules`` never use (a misspelt
+    ``'experts'`` would otherwise leave every array replicated over that axis)."""
+    known = rule_mesh_axes(rules)
+    bad = [a for a in shape if a not in known]
+    if bad:
+        import difflib
+
+        hints = [f"{a!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(a, known, 1)) else repr(a)
+                 for a in bad]
+        raise ValueError(f"mesh axis {', '.join(hints)} is not used by the logical axis rules; valid mesh axes: "
+                         f"{', '.join(known)}")
+
+
 def logical_to_spec(
     logical_axes: Sequence[str | None], rules: Rules = DEFAULT_RULES, mesh: Any = None
 ) -> PartitionSpec:

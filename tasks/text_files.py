@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import os
 
 import seqio
 import tensorflow as tf
@@ -17,10 +18,17 @@ def register_text_files(patterns, name: str = "text_files", vocabulary: seqio.Vo
     ``patterns`` (a glob or a list of globs); the last ``validation_fraction`` of the lines is
     the validation split. Returns the task names. Raises ValueError when nothing matches."""
     patterns = [patterns] if isinstance(patterns, str) else list(patterns)
-    files = sorted(f for p in patterns for f in glob.glob(p))
+    if not patterns or not all(isinstance(p, str) and p for p in patterns):
+        raise ValueError(f"TEXT_FILES must be a glob or a list of globs, got {patterns!r}")
+    files = sorted({f for p in patterns for f in glob.glob(os.path.expanduser(p)) if os.path.isfile(f)})
     if not files:
         raise ValueError(f"TEXT_FILES {patterns} matched no files")
-    lines = [ln.strip() for f in files for ln in open(f, encoding="utf-8") if ln.strip()]
+    lines = []
+    for f in files:
+        lines += _lines(f)
+    if not lines:
+        raise ValueError(f"TEXT_FILES {patterns}: the {len(files)} matching files ({', '.join(files[:3])}"
+                         f"{', ...' if len(files) > 3 else ''}) hold no text (empty or whitespace only)")
     n_val = max(1, int(len(lines) * validation_fraction)) if len(lines) > 1 else 0
     split_lines = {"train": lines[:len(lines) - n_val] or lines, "validation": lines[len(lines) - n_val:] or lines}
 
@@ -38,3 +46,17 @@ def register_text_files(patterns, name: str = "text_files", vocabulary: seqio.Vo
     add_task(lm, source=src, output_features=features(vocabulary, inputs=False),
              preprocessors=pre + [seqio.preprocessors.append_eos_after_trim])
     return [sc, lm]
+
+
+def _lines(path: str) -> list[str]:
+    """The non-blank lines of a UTF-8 text file; ValueError naming the file for anything else."""
+    with open(path, "rb") as fh:
+        raw = fh.read()
+    if b"\x00" in raw:
+        raise ValueError(f"TEXT_FILES: {path!r} is a binary file (it holds NUL bytes); give UTF-8 text files")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        bad = raw[e.start:e.start + 1]
+        raise ValueError(f"TEXT_FILES: {path!r} is not UTF-8 text (byte {e.start}: {bad!r})") from None
+    return [ln.strip() for ln in text.splitlines() if ln.strip()]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import math
 
 import jax
 import numpy as np
@@ -151,6 +152,17 @@ def check_truncation(name: str, lengths: dict, split: str = "train", n: int = 32
 
 def batch_sharding(mesh, rules=DEFAULT_RULES) -> NamedSharding:
     return NamedSharding(mesh, logical_to_spec(("batch", "length"), rules, mesh))
+
+
+def check_batch_size(batch_size: int, mesh, rules=DEFAULT_RULES, microbatches: int = 1) -> None:
+    """ValueError before any data is read when the global ``batch_size`` does not split into
+    ``microbatches`` equal parts over the mesh's batch shards (and the processes)."""
+    shards = spec_divisor(batch_sharding(mesh, rules).spec, mesh, 0)
+    need = math.lcm(shards, jax.process_count(), microbatches)
+    if batch_size % need:
+        parts = f"the {shards} batch shards of mesh {dict(mesh.shape)}" + (
+            f" and {microbatches} microbatches" if microbatches > 1 else "")
+        raise ValueError(f"BATCH_SIZE={batch_size} does not split over {parts}; use a multiple of {need}")
 
 
 @functools.lru_cache(maxsize=64)

@@ -249,11 +249,38 @@ def routes_by_task(cfg: ModelConfig) -> bool:
     return cfg.moe is not None and cfg.moe.uses_task_ids
 
 
+#: Config fields that change how a model computes but not its parameters: a run may resume with
+#: other values of these (e.g. bf16 compute, remat, another attention kernel or MoE backend).
+RUNTIME_FIELDS = frozenset({"dtype", "remat", "attention_impl", "attention_chunk", "backend", "grouped_matmul",
+                            "axis_rules"})
+
+
+def config_diff(a, b, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """``[(dotted field, value in a, value in b)]`` for every field where configs ``a`` and ``b``
+    differ (nested configs field by field)."""
+    if type(a) is not type(b) or not dataclasses.is_dataclass(a):
+        return [] if a == b else [(prefix.rstrip(".") or type(a).__name__, a, b)]
+    out = []
+    for f in dataclasses.fields(a):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if dataclasses.is_dataclass(x) and type(x) is type(y):
+            out += config_diff(x, y, f"{prefix}{f.name}.")
+        elif x != y:
+            out.append((prefix + f.name, x, y))
+    return out
+
+
 def with_dtypes(cfg, *, dtype=None, param_dtype=None):
     """``cfg`` with the compute ``dtype`` and / or ``param_dtype`` set on the model and its MoE layers."""
     kw = {}
     for name, value in (("dtype", dtype), ("param_dtype", param_dtype)):
         if value is not None:
+            try:
+                jnp.dtype(value)
+            except TypeError:
+                raise ValueError(f"{name} {value!r} is not a dtype; e.g. float32, bfloat16, float16") from None
+            if not jnp.issubdtype(jnp.dtype(value), jnp.floating):
+                raise ValueError(f"{name} {value!r} is not a floating-point dtype; e.g. float32, bfloat16, float16")
             kw[name] = jnp.dtype(value)
             if cfg.moe is not None:
                 kw[f"moe.{name}"] = jnp.dtype(value)

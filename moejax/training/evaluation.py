@@ -7,6 +7,8 @@ Results go to ``<model_dir>/eval`` (TensorBoard), ``eval_metrics.jsonl`` and are
 
 from __future__ import annotations
 
+import os
+
 import jax
 import numpy as np
 import seqio
@@ -15,7 +17,7 @@ from moejax.data import batches as data
 from moejax.distributed import replicated, to_host
 from moejax.inference.decode import generate, generate_encdec
 from moejax.models.config import EncDecConfig, routes_by_task
-from moejax.training.writers import MetricWriter
+from moejax.training.writers import MetricWriter, read_jsonl
 
 
 def tasks_of(name: str) -> list[seqio.Task]:
@@ -80,6 +82,12 @@ def predict_task(fns, params, model_cfg, task: seqio.Task, cfg, split: str, max_
                              else vocab.decode(_cut(e["targets"], vocab.eos_id)),
                              "prediction": vocab.decode([int(t) for t in _cut(o, vocab.eos_id)])})
     return rows
+
+
+def has_eval(model_dir: str, step: int) -> bool:
+    """Whether ``model_dir``'s ``eval_metrics.jsonl`` has a record of ``step``."""
+    path = os.path.join(model_dir, "eval_metrics.jsonl")
+    return os.path.exists(path) and any(r["step"] == step for r in read_jsonl(path))
 
 
 def evaluate(model_dir: str, fns, params, model_cfg, cfg, step: int) -> dict:

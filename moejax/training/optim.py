@@ -90,6 +90,17 @@ def make_optimizer(name: str = "adafactor", learning_rate: float = 0.01, schedul
     ``master_weights``: keep a float32 master copy of the params (:func:`with_master_weights`)."""
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; valid: {', '.join(OPTIMIZERS)}")
+    for arg, value, low in (("learning_rate", learning_rate, 0.0), ("weight_decay", weight_decay, 0.0),
+                            ("b1", b1, 0.0), ("b2", b2, 0.0), ("warmup_steps", warmup_steps, 0),
+                            ("total_steps", total_steps, 0), ("clip_norm", clip_norm, 0.0)):
+        if value is None and arg == "clip_norm":
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= low or (
+                arg in ("warmup_steps", "total_steps") and not isinstance(value, int)):
+            kind = "an integer" if arg in ("warmup_steps", "total_steps") else "a number"
+            raise ValueError(f"optimizer {arg} must be {kind} >= {low}, got {value!r}")
+    if not isinstance(master_weights, bool):
+        raise ValueError(f"optimizer master_weights must be True or False, got {master_weights!r}")
     sched = make_schedule(schedule, learning_rate, warmup_steps, total_steps)
     if name == "adafactor":
         opt = optax.adafactor(learning_rate=sched, multiply_by_parameter_scale=False, clipping_threshold=1.0,

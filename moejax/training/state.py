@@ -1,8 +1,10 @@
 """Train state as plain pytrees, born sharded, and the jitted train / eval steps.
 
 ``TrainState``: ``params`` (the model's ``nnx.Param`` state), ``opt_state`` (optax), ``step``
-(int32). The model's non-param state (RNG streams for dropout / jitter / random routing) is the
-init-time state with every key folded with the step, so a run is a pure function of (seed, step):
+(int32). A train step whose loss or gradient norm is not finite leaves params and optimizer state
+unchanged and reports ``metrics['nonfinite'] = 1`` (the trainer stops after a run of them).
+The model's non-param state (RNG streams for dropout / jitter / random routing) is the init-time
+state with every key folded with the step, so a run is a pure function of (seed, step):
 resuming from a checkpoint replays exactly the same randomness.
 """
 
@@ -202,6 +204,12 @@ class StepFns:
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics["grad_norm"] = optax.global_norm(grads)
+        # a step whose loss or gradients are not finite is not applied (params and optimizer state
+        # stay as they were); the step counter still advances, past the batch that caused it
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+        params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), (params, opt_state),
+                                         (state.params, state.opt_state))
+        metrics["nonfinite"] = jnp.logical_not(finite).astype(jnp.float32)
         return TrainState(params=params, opt_state=opt_state, step=state.step + 1), metrics
 
     def _eval_step(self, params, batch):
