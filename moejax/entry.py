@@ -70,6 +70,20 @@ def model_config(name: str = gin.REQUIRED, overrides: dict | None = None, vocab_
     return get_config(name, **overrides)
 
 
+def register_text_files_macro() -> None:
+    """Register the ``TEXT_FILES`` tasks before the run's arguments are evaluated (the model's
+    ``vocab_from_task`` may already name ``text_files_span_corruption``). The CLI calls it after
+    parsing; :func:`run` registers them again from its ``text_files`` argument (idempotent)."""
+    try:
+        patterns = gin.query_parameter("TEXT_FILES/macro.value")
+    except ValueError:
+        return
+    if patterns is not None:
+        from moejax.tasks import register_text_files
+
+        register_text_files(patterns)
+
+
 @gin.configurable(module="moejax")
 def checkpoint_config(path: str = gin.REQUIRED):
     """The model config stored in the moejax checkpoint at ``path`` (``MODEL = @moejax.checkpoint_config()``

@@ -324,6 +324,7 @@ def cmd_gin(args, extra) -> int:
     _check_cli_macros(bindings)
     entry.check_required_macros()          # names every unset macro (gin's own check stops at the first)
     gin.finalize()
+    entry.register_text_files_macro()
     model_dir = gin.query_parameter("MODEL_DIR/macro.value")
     if not isinstance(model_dir, str) or not model_dir:
         raise ValueError(f"MODEL_DIR must be a directory path, got {model_dir!r}; pass --gin.MODEL_DIR=\"'/path'\"")

@@ -134,7 +134,7 @@ def _experts(r: WeightReader, p: str, name: str) -> Leaf | None:
     shape = (w.shape(blocks) if hasattr(w, "shape") else np.shape(w[blocks]))
     out = tuple(shape[:-2]) + (shape[-2] * 32,)       # [E, rows, in]
     return Leaf(lambda: np.swapaxes(dequantize_mxfp4(w[blocks], w[scales]), -1, -2), lambda a: a,
-                out[:-2] + (out[-1], out[-2]), np.float32)
+                out[:-2] + (out[-1], out[-2]), np.float32, blocks)
 
 
 def hf_to_state(cfg: DecoderConfig, weights) -> dict[str, Source]:

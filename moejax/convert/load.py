@@ -46,7 +46,13 @@ def build_from_hf(path: str, config_from_hf: Callable, hf_to_state: Callable, *,
     dropout / router-noise RNG streams. ``overrides``: config fields to replace.
     """
     hf = read_hf_config(path)
-    config_from_hf(hf, ignore_fields=ignore_fields, **overrides)   # a wrong model fails before the weights
+    try:
+        config_from_hf(hf, ignore_fields=ignore_fields, **overrides)   # a wrong model fails before the weights
+    except KeyError as e:
+        raise ValueError(f"{path}/config.json lacks the field {e.args[0]!r}, which a model_type="
+                         f"{hf.get('model_type')!r} config needs") from None
+    except TypeError as e:
+        raise ValueError(f"{path}/config.json has a field of the wrong type ({str(e).splitlines()[0]})") from None
     weights = LazyWeights(path)                        # headers only: nothing is read yet
     cfg = config_from_hf(hf, ignore_fields=ignore_fields, weights=weights, **overrides)
     if dtype is None and "param_dtype" not in overrides:

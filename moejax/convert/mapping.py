@@ -39,10 +39,19 @@ class Leaf:
     fresh memmap per call, so the pages read leave the process once the read is done);
     ``shape`` / ``dtype`` of the stored tensor give the transformed shape without reading."""
 
-    def __init__(self, load: Callable[[], np.ndarray], fn: Callable, shape: tuple[int, ...], dtype):
-        self.load, self.fn = load, fn
-        out = jax.eval_shape(fn, jax.ShapeDtypeStruct(tuple(shape), np.dtype(dtype)))
+    def __init__(self, load: Callable[[], np.ndarray], fn: Callable, shape: tuple[int, ...], dtype, name: str = "?"):
+        self.load, self.fn, self.name = load, fn, name
+        try:
+            out = jax.eval_shape(fn, jax.ShapeDtypeStruct(tuple(shape), np.dtype(dtype)))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"HF tensor {name!r} has shape {tuple(shape)}, which does not fit the model config "
+                             f"({str(e).splitlines()[0][:200]}); a checkpoint of another size, or a damaged "
+                             "config.json?") from None
         self.shape, self.dtype = tuple(out.shape), np.dtype(out.dtype)
+
+    @property
+    def names(self) -> list[str]:
+        return [self.name]
 
     def read(self, index: tuple = (), dtype=None) -> np.ndarray:
         full = np.asarray(self.fn(np.asarray(self.load())))
@@ -54,11 +63,19 @@ class Stack:
 
     def __init__(self, children: Sequence[Source]):
         self.children = list(children)
-        shapes = {c.shape for c in self.children}
-        if len(shapes) != 1:
-            raise ValueError(f"cannot stack tensors of different shapes {sorted(shapes)}")
+        shapes = [c.shape for c in self.children]
+        if len(set(shapes)) != 1:
+            common = max(set(shapes), key=shapes.count)
+            odd = next(c for c in self.children if c.shape != common)
+            raise ValueError(f"HF tensor {odd.names[0]!r} converts to shape {odd.shape} where its siblings "
+                             f"(e.g. {self.children[shapes.index(common)].names[0]!r}) convert to {common}: "
+                             "transposed, or from another model?")
         self.shape = (len(self.children),) + self.children[0].shape
         self.dtype = np.result_type(*[c.dtype for c in self.children])
+
+    @property
+    def names(self) -> list[str]:
+        return [n for c in self.children for n in c.names]
 
     def read(self, index: tuple = (), dtype=None) -> np.ndarray:
         index = tuple(index)
@@ -101,7 +118,7 @@ class WeightReader:
         w = self.weights
         shape, dtype = (w.shape(name), w.dtype(name)) if hasattr(w, "shape") else \
             (np.shape(w[name]), np.asarray(w[name]).dtype)
-        return Leaf(lambda: w[name], fn, shape, dtype)
+        return Leaf(lambda: w[name], fn, shape, dtype, name)
 
     def alias(self, *names: str) -> None:
         """Names that may be present (tied copies) and are fine to skip."""
@@ -156,7 +173,10 @@ def _match(shapes: dict[str, tuple], flat: Mapping[str, Source]) -> None:
         raise ValueError(f"parameter mismatch: not in model {extra}; not in checkpoint {absent}")
     for name, src in flat.items():
         if tuple(src.shape) != tuple(shapes[name]):
-            raise ValueError(f"{name}: checkpoint shape {tuple(src.shape)} != model shape {tuple(shapes[name])}")
+            hf = getattr(src, "names", None)
+            what = f" (from HF tensor {hf[0]!r}{' ...' if len(hf) > 1 else ''})" if hf else ""
+            raise ValueError(f"{name}{what}: checkpoint shape {tuple(src.shape)} != model shape {tuple(shapes[name])}; "
+                             "a checkpoint of another size, or a damaged config.json?")
 
 
 def load_into(model: nnx.Module, flat: Mapping[str, Source]) -> nnx.Module:

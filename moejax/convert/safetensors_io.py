@@ -39,7 +39,13 @@ def read_hf_config(path: str) -> dict:
     if not os.path.exists(cfg_path):
         raise ValueError(f"{path!r} has no config.json; expected a Hugging Face save_pretrained directory")
     with open(cfg_path) as f:
-        return json.load(f)
+        try:
+            cfg = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{cfg_path!r} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{cfg_path!r} is not a config object (a JSON {type(cfg).__name__})")
+    return cfg
 
 
 def read_header(file: str) -> tuple[dict, int]:
@@ -51,10 +57,17 @@ def read_header(file: str) -> tuple[dict, int]:
         (n,) = struct.unpack("<Q", raw)
         if n > os.path.getsize(file) - 8:
             raise ValueError(f"{file!r} is not a safetensors file (header length {n} exceeds the file)")
-        header = json.loads(f.read(n))
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ValueError(f"{file!r} is not a safetensors file (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{file!r} is not a safetensors file (its header is not a JSON object)")
     header.pop("__metadata__", None)
     data = os.path.getsize(file) - 8 - n
     for name, h in header.items():
+        if not isinstance(h, dict) or not {"dtype", "shape", "data_offsets"} <= set(h):
+            raise ValueError(f"{file!r} is corrupt: header entry {name!r} lacks dtype / shape / data_offsets")
         if h["dtype"] not in _DTYPES:
             raise ValueError(f"{file!r}: tensor {name!r} has dtype {h['dtype']}; readable: {', '.join(_DTYPES)}")
         begin, end = h["data_offsets"]
@@ -70,7 +83,14 @@ def shard_files(path: str) -> list[str]:
     index, single = os.path.join(path, INDEX_FILE), os.path.join(path, SINGLE_FILE)
     if os.path.exists(index):
         with open(index) as f:
-            return sorted(set(json.load(f)["weight_map"].values()))
+            try:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+                raise ValueError(f"{index!r} is not a safetensors index (JSON with a weight_map)") from None
+        gone = [n for n in files if not os.path.exists(os.path.join(path, n))]
+        if gone:
+            raise ValueError(f"{index!r} lists shard files that are not in {path!r}: {gone[:4]}")
+        return files
     if os.path.exists(single):
         return [SINGLE_FILE]
     bins = [n for n in os.listdir(path) if n.endswith(".bin")]

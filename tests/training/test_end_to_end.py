@@ -93,3 +93,31 @@ def test_resume_after_sigkill_replays_the_same_losses(tmp_path):
     a, b = losses(ref), losses(killed)
     assert len(a) == len(b) == 30
     np.testing.assert_allclose(b, a, rtol=1e-6)
+    # preemption: SIGTERM between checkpoints saves the current step, exits 143; the rerun is exact
+    termed = str(tmp_path / "termed")
+    proc = subprocess.Popen(_cmd(termed, 30), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = os.path.join(termed, "train_metrics.jsonl")
+    while not (os.path.exists(log) and max(r["step"] for r in read_jsonl(log)) >= 12):
+        assert proc.poll() is None and time.time() < deadline + 300, "run ended before step 12"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    at = max(r["step"] for r in read_jsonl(log))
+    assert proc.returncode == 143 and f"preempted (SIGTERM) at step {at}: saved checkpoint {at}" in err, err
+    assert at < 30 and at % 10 and os.path.isdir(os.path.join(termed, "checkpoints", str(at)))
+    subprocess.run(_cmd(termed, 30), env=env, check=True, capture_output=True)
+    np.testing.assert_allclose(losses(termed), a, rtol=1e-6)
+
+
+def test_the_process_exits_promptly_after_an_error_in_the_loop(tmp_path):
+    """An error inside the training loop of an 8-device run (non-finite steps here) ends the process
+    with its message and exit code, every time (it used to hang in tf.data's iterator destructor at
+    interpreter exit in most tries)."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    for i in range(3):
+        cmd = _cmd(str(tmp_path / f"nan{i}"), 8)[:-1] + ["--gin.moejax.optimizer.learning_rate=1e9",
+                                                           "--gin.moejax.TrainConfig.max_nonfinite_steps=1"]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+        errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+        assert proc.returncode == 1 and len(errors) == 1 and "had a non-finite loss or gradient" in errors[0], \
+            proc.stderr[-2000:]
