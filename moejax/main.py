@@ -20,9 +20,14 @@ one task of a task-routed model.
 ``moejax train|eval|infer --gin_file=FILE [--gin_file=...] [--gin_search_paths=DIRS]
 [--gin.MACRO=VALUE ...]``: the gin-configured T5X-style entry points. The shipped ``gin/``
 directory is always on the search path, so ``--gin_file=runs/pretrain.gin`` works anywhere; the
-full config is written to ``MODEL_DIR/config.gin`` before the run and the operative one to
-``MODEL_DIR/operative_config.gin`` after it. Multi-host: add ``--multiprocess`` (cluster
-auto-detected) or ``--coordinator_address=H:P --process_count=N --process_index=I`` on every host.
+full config is written to ``MODEL_DIR/config.gin`` once the run is accepted and the operative one
+to ``MODEL_DIR/operative_config.gin`` after it (``eval`` / ``infer``: ``config_eval.gin``, ...).
+A ``--gin.MACRO`` no loaded file uses, or a value gin cannot parse, is an error. Multi-host: add
+``--multiprocess`` (cluster auto-detected) or ``--coordinator_address=H:P --process_count=N
+--process_index=I`` on every host.
+
+Errors: one ``error: ...`` line; exit code 2 for bad input, 1 for a fault (e.g. non-finite
+training), 143 after SIGTERM (the current step saved). ``moejax --debug ...`` shows tracebacks.
 
 ``moejax launch --processes N --devices_per_process D -- train ...``: the same as N local processes
 forming one global mesh (``moejax.launch``).

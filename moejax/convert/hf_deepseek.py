@@ -40,6 +40,7 @@ from moejax.convert.decoder_io import (
     write_decoder,
 )
 from moejax.convert.fields import DECODER_INERT, TRAINING_ONLY, FieldTable, rope_parameters, yarn
+from moejax.convert.fp8 import block_size
 from moejax.convert.load import build_from_hf
 from moejax.convert.mapping import Source, WeightReader, tied_head
 from moejax.convert.safetensors_io import MAX_SHARD_BYTES, read_hf_config
@@ -75,7 +76,7 @@ FIELDS = FieldTable(
         "kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "v_head_dim", "qk_nope_head_dim", "qk_head_dim",
         "head_dim", "n_group", "topk_group", "topk_method", "scoring_func", "num_experts_per_tok",
         "first_k_dense_replace", "norm_topk_prob", "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters",
-        "rope_interleave", "tie_word_embeddings", "num_nextn_predict_layers"}),
+        "rope_interleave", "tie_word_embeddings", "num_nextn_predict_layers", "quantization_config"}),
     inert={
         **DECODER_INERT,
         "max_position_embeddings": "read only as YaRN's original length when rope_scaling leaves it out",
@@ -110,6 +111,7 @@ def config_from_hf(hf: dict, *, ignore_fields=(), weights=None, **overrides) -> 
     if model_type not in SUPPORTED:
         raise ValueError(f"config.json has model_type={model_type!r}; this converter reads {', '.join(SUPPORTED)}")
     FIELDS.check(hf, ignore_fields)
+    block_size(hf)                      # block-scaled FP8 weights (V3's Hub checkpoint) are dequantised on read
     get = lambda k: _get(hf, model_type, k)  # noqa: E731
     v3 = model_type == "deepseek_v3"
     if "rope_interleave" in hf and not v3:

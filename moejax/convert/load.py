@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from moejax.convert.fp8 import fp8_view
 from moejax.convert.mapping import sharded_params
 from moejax.convert.safetensors_io import LazyWeights, read_hf_config
 from moejax.models.build import build_model
@@ -53,7 +54,7 @@ def build_from_hf(path: str, config_from_hf: Callable, hf_to_state: Callable, *,
                          f"{hf.get('model_type')!r} config needs") from None
     except TypeError as e:
         raise ValueError(f"{path}/config.json has a field of the wrong type ({str(e).splitlines()[0]})") from None
-    weights = LazyWeights(path)                        # headers only: nothing is read yet
+    weights = fp8_view(hf, LazyWeights(path))          # headers only: nothing is read yet
     cfg = config_from_hf(hf, ignore_fields=ignore_fields, weights=weights, **overrides)
     if dtype is None and "param_dtype" not in overrides:
         dtype = checkpoint_dtype(weights)

@@ -27,12 +27,14 @@ class NonFiniteError(RuntimeError):
 
 
 class Preempted(Exception):
-    """The run got SIGTERM; its current step was saved. ``step``: the saved step."""
+    """The run got SIGTERM after step ``step``; ``saved``: whether that step was saved (not when it
+    was non-finite: the newest checkpoint is then ``newest``)."""
 
-    def __init__(self, step: int, directory: str):
-        super().__init__(f"preempted (SIGTERM) at step {step}: saved checkpoint {step} in {directory}; "
-                         "rerun the same command to resume")
-        self.step = step
+    def __init__(self, step: int, directory: str, saved: bool = True, newest: int | None = None):
+        what = (f"saved checkpoint {step} in {directory}" if saved else
+                f"step {step} was non-finite and not saved (newest checkpoint: {newest}) in {directory}")
+        super().__init__(f"preempted (SIGTERM) at step {step}: {what}; rerun the same command to resume")
+        self.step, self.saved = step, saved
 
 
 class NonFiniteGuard:

@@ -205,7 +205,7 @@ def _loop(state, it, fns: StepFns, ckpt: Checkpointer, mesh, rules, model_dir, m
                 if _preempt_agreed(preemption, done, cfg):
                     saved = save_if_clean(done)
                     ckpt.wait()
-                    raise Preempted(done if saved else ckpt.latest_step(), ckpt.directory)
+                    raise Preempted(done, ckpt.directory, saved, ckpt.latest_step())
                 if done % cfg.save_every == 0 and done != cfg.train_steps:
                     save_if_clean(done)
                 if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.train_steps:

@@ -157,3 +157,80 @@ def test_unsupported_fields_are_refused_by_name():
         config_from_hf({**base, "scoring_func": "softmax"})
     with pytest.raises(ValueError, match="does not know: brand_new_field"):
         config_from_hf({**base, "brand_new_field": 1})
+
+
+FP8_BLOCK = [32, 32]          # partial blocks on the 48- and 24-wide dims, as 128 on V3's 7168 x 2048 shapes
+
+
+def _fp8_copy(src, dst, block):
+    """``src``'s checkpoint with every 2-D weight but the embedding, head and routers in block-scaled
+    FP8 (per-block amax / 448, as DeepSeek's), ``quantization_config`` set; returns the dequantised
+    weights (float32 of their bf16 rounding), computed here with np.kron, not the library's code."""
+    import json
+
+    import ml_dtypes
+    from safetensors.numpy import load_file
+    from safetensors.torch import save_file
+
+    tensors = load_file(str(src / "model.safetensors"))
+    out, ref = {}, {}
+    for name, w in tensors.items():
+        if w.ndim != 2 or "embed_tokens" in name or "lm_head" in name or name.endswith("mlp.gate.weight"):
+            out[name] = torch.from_numpy(w.copy())
+            ref[name] = w
+            continue
+        r, c = w.shape
+        nr, nc = -(-r // block[0]), -(-c // block[1])
+        padded = np.zeros((nr * block[0], nc * block[1]), np.float32)
+        padded[:r, :c] = w
+        amax = np.abs(padded.reshape(nr, block[0], nc, block[1])).max(axis=(1, 3))
+        scale = np.maximum(amax, 1e-12) / 448.0
+        expand = np.kron(scale, np.ones(block, np.float32))[:r, :c]
+        q = (w / expand).astype(ml_dtypes.float8_e4m3fn)
+        out[name] = torch.from_numpy(q.view(np.uint8).copy()).view(torch.float8_e4m3fn)
+        out[name + "_scale_inv"] = torch.from_numpy(scale.astype(np.float32))
+        ref[name] = (q.astype(np.float32) * expand).astype(ml_dtypes.bfloat16).astype(np.float32)
+    dst.mkdir()
+    save_file(out, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                  "weight_block_size": list(block)}
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return ref
+
+
+def test_fp8_block_scaled_checkpoint_dequantises_on_import(tmp_path):
+    """DeepSeek-V3's Hub format: e4m3 weights with a float32 scale_inv per block; the import equals
+    transformers running the dequantised weights, and the bf16 default keeps its memory."""
+    import json
+
+    from safetensors.torch import save_file
+
+    torch.manual_seed(1)
+    hf = perturbed(v3())
+    hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    ref = _fp8_copy(tmp_path / "hf", tmp_path / "fp8", FP8_BLOCK)
+    # transformers on the dequantised weights (the reference), saved as a plain float32 checkpoint
+    (tmp_path / "deq").mkdir()
+    save_file({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in ref.items()},
+              str(tmp_path / "deq" / "model.safetensors"), metadata={"format": "pt"})
+    (tmp_path / "deq" / "config.json").write_text((tmp_path / "hf" / "config.json").read_text())
+    deq = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "deq", attn_implementation="eager").eval()
+    model, cfg = from_hf(str(tmp_path / "fp8"), dtype=jnp.float32)
+    logits, _ = model(jnp.asarray(IDS))
+    np.testing.assert_allclose(np.asarray(logits), hf_logits(deq, IDS), atol=1e-4, rtol=1e-4)
+    assert not np.allclose(hf_logits(deq, IDS), hf_logits(hf, IDS), atol=1e-3)     # the FP8 rounding is real
+    _, cfg16 = from_hf(str(tmp_path / "fp8"))
+    assert jnp.dtype(cfg16.param_dtype) == jnp.bfloat16
+    good = json.loads((tmp_path / "fp8" / "config.json").read_text())
+    for bad, match in (({"fmt": "e5m2"}, "fmt='e5m2'"), ({"weight_block_size": [128]}, "weight_block_size=\\[128\\]"),
+                       ({"activation_scheme": "static"}, "activation_scheme='static'"),
+                       ({"quant_method": "gptq"}, "quant_method='gptq'"), ({"bits": 4}, "does not know: bits")):
+        (tmp_path / "fp8" / "config.json").write_text(json.dumps(
+            {**good, "quantization_config": {**good["quantization_config"], **bad}}))
+        with pytest.raises(ValueError, match=match):
+            from_hf(str(tmp_path / "fp8"))
+    (tmp_path / "fp8" / "config.json").write_text(json.dumps(
+        {**good, "quantization_config": {**good["quantization_config"], "weight_block_size": [16, 16]}}))
+    with pytest.raises(ValueError, match=r"FP8 tensor '.*': scale_inv of shape .* does not cover"):
+        from_hf(str(tmp_path / "fp8"))
