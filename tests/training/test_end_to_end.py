@@ -1,5 +1,6 @@
 """Slow end-to-end runs of the gin entry points on 8 emulated devices with expert parallelism:
-pretraining, the three finetuning regimes of the seed, eval, infer, and exact resume after SIGKILL."""
+pretraining, the three finetuning regimes of the seed, eval, infer, exact resume after SIGTERM
+(preemption) and SIGKILL, and a prompt exit after an error in the loop."""
 
 import json
 import os
@@ -76,37 +77,40 @@ def _cmd(model_dir, steps):
             "--gin.moejax.TrainConfig.save_every=10", "--gin.moejax.optimizer.learning_rate=0.1"]
 
 
-def test_resume_after_sigkill_replays_the_same_losses(tmp_path):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    ref, killed = str(tmp_path / "ref"), str(tmp_path / "killed")
-    subprocess.run(_cmd(ref, 30), env=env, check=True, capture_output=True)
-    proc = subprocess.Popen(_cmd(killed, 30), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not os.path.isdir(os.path.join(killed, "checkpoints", "10")):
-        assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = [r["step"] for r in read_jsonl(os.path.join(killed, "train_metrics.jsonl"))]
-    assert max(done) < 30                                                   # it really was interrupted
-    subprocess.run(_cmd(killed, 30), env=env, check=True, capture_output=True)
-    a, b = losses(ref), losses(killed)
-    assert len(a) == len(b) == 30
-    np.testing.assert_allclose(b, a, rtol=1e-6)
-    # preemption: SIGTERM between checkpoints saves the current step, exits 143; the rerun is exact
-    termed = str(tmp_path / "termed")
-    proc = subprocess.Popen(_cmd(termed, 30), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    log = os.path.join(termed, "train_metrics.jsonl")
-    while not (os.path.exists(log) and max(r["step"] for r in read_jsonl(log)) >= 12):
-        assert proc.poll() is None and time.time() < deadline + 300, "run ended before step 12"
+def _wait_for(proc, done, what, deadline):
+    while not done():
+        assert proc.poll() is None and time.time() < deadline, f"run ended before {what}"
         time.sleep(0.1)
+
+
+def _logged(log):
+    return max((r["step"] for r in read_jsonl(log)), default=0) if os.path.exists(log) else 0
+
+
+def test_preemption_and_sigkill_resume_replay_the_same_losses(tmp_path):
+    """SIGTERM between checkpoints saves the current step and exits 143; the resumed run, SIGKILLed
+    after its next checkpoint, resumes again; the losses equal the uninterrupted run's."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    ref, run = str(tmp_path / "ref"), str(tmp_path / "interrupted")
+    log = os.path.join(run, "train_metrics.jsonl")
+    subprocess.run(_cmd(ref, 30), env=env, check=True, capture_output=True)
+    deadline = time.time() + 600
+    proc = subprocess.Popen(_cmd(run, 30), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _wait_for(proc, lambda: _logged(log) >= 12, "step 12", deadline)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
-    at = max(r["step"] for r in read_jsonl(log))
+    at = _logged(log)
     assert proc.returncode == 143 and f"preempted (SIGTERM) at step {at}: saved checkpoint {at}" in err, err
-    assert at < 30 and at % 10 and os.path.isdir(os.path.join(termed, "checkpoints", str(at)))
-    subprocess.run(_cmd(termed, 30), env=env, check=True, capture_output=True)
-    np.testing.assert_allclose(losses(termed), a, rtol=1e-6)
+    assert at < 20 and at % 10 and os.path.isdir(os.path.join(run, "checkpoints", str(at)))
+    proc = subprocess.Popen(_cmd(run, 30), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for(proc, lambda: os.path.isdir(os.path.join(run, "checkpoints", "20")), "checkpoint 20", deadline)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert _logged(log) < 30                                                # it really was interrupted
+    subprocess.run(_cmd(run, 30), env=env, check=True, capture_output=True)
+    a, b = losses(ref), losses(run)
+    assert len(a) == len(b) == 30
+    np.testing.assert_allclose(b, a, rtol=1e-6)
 
 
 def test_the_process_exits_promptly_after_an_error_in_the_loop(tmp_path):
@@ -114,7 +118,7 @@ def test_the_process_exits_promptly_after_an_error_in_the_loop(tmp_path):
     with its message and exit code, every time (it used to hang in tf.data's iterator destructor at
     interpreter exit in most tries)."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    for i in range(3):
+    for i in range(2):
         cmd = _cmd(str(tmp_path / f"nan{i}"), 8)[:-1] + ["--gin.moejax.optimizer.learning_rate=1e9",
                                                            "--gin.moejax.TrainConfig.max_nonfinite_steps=1"]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)

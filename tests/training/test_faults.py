@@ -1,14 +1,11 @@
 """Faults and bad input around training (issue 18): non-finite steps, preemption, damaged and
 mismatched checkpoints, a second trainer, resume edge cases, mesh typos, initial checkpoints from
-``merge`` / ``quantize``. One small trained run (tiny_switch, one device) is copied for each case."""
+``merge`` / ``quantize``. One small trained run (tiny_switch, one device) is copied for each case.
+Preemption (SIGTERM) runs as a real process in tests/training/test_end_to_end.py."""
 
 import dataclasses
-import json
 import os
 import shutil
-import signal
-import threading
-import time
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +18,7 @@ from moejax.models.build import build_model
 from moejax.models.registry import get_config
 from moejax.training.checkpoints import check_model_dir
 from moejax.training.config import TrainConfig
-from moejax.training.faults import NonFiniteError, Preempted
+from moejax.training.faults import NonFiniteError
 from moejax.training.lock import RunLock
 from moejax.training.optim import make_optimizer
 from moejax.training.state import StepFns
@@ -266,31 +263,3 @@ def test_initial_checkpoint_from_merge_and_quantize(tmp_path):
               opt(), progress=False)
     with pytest.raises(ValueError, match=r"INITIAL_CHECKPOINT_PATH: .* holds another model \(moe.quant_bits=8"):
         train(str(tmp_path / "d"), MODEL, dataclasses.replace(cfg, initial_checkpoint=quant), opt(), progress=False)
-
-
-# ----------------------------------------------------------------------------- preemption
-
-def test_sigterm_saves_the_current_step_and_resume_finishes(run_copy):
-    d = run_copy
-    log = os.path.join(d, "train_metrics.jsonl")
-    cfg = dataclasses.replace(CFG, train_steps=400, save_every=1000)
-
-    def term_when_training():
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            if max(r["step"] for r in read_jsonl(log)) >= 6:
-                os.kill(os.getpid(), signal.SIGTERM)
-                return
-            time.sleep(0.05)
-
-    before = signal.getsignal(signal.SIGTERM)
-    threading.Thread(target=term_when_training, daemon=True).start()
-    with pytest.raises(Preempted, match=r"preempted \(SIGTERM\) at step (\d+): saved checkpoint") as e:
-        train(d, MODEL, cfg, opt(), progress=False)
-    at = e.value.step
-    assert 6 <= at < 400 and str(at) in steps(d)
-    assert max(r["step"] for r in read_jsonl(log)) == at
-    assert signal.getsignal(signal.SIGTERM) == before                     # the handler is put back
-    train(d, MODEL, dataclasses.replace(cfg, train_steps=at + 2), opt(), progress=False)   # resumes from it
-    assert str(at + 2) in steps(d)
-    assert json.loads(open(log).read().splitlines()[-1])["step"] == at + 2
