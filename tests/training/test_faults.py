@@ -187,13 +187,6 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(run_copy, fns, dam
     assert f"{broken}.damaged" in steps(d)                             # kept for inspection
 
 
-def test_resume_after_damage_trains_on_and_saves_the_step_again(run_copy):
-    d = run_copy
-    _truncate(d)
-    train(d, MODEL, dataclasses.replace(CFG, train_steps=6), opt(), progress=False)
-    assert steps(d) == ["2", "4", "4.damaged", "6"] and finite_params(d, 4)
-
-
 def test_nonfinite_params_on_disk_are_damage(run_copy, fns, capsys):
     d = run_copy
     ck = Checkpointer(d)
@@ -256,8 +249,11 @@ def test_initial_checkpoint_from_merge_and_quantize(tmp_path):
     with pytest.raises(ValueError, match=r"another model \(moe.num_experts=2 there, 4 here.*checkpoint_config"):
         train(str(tmp_path / "a"), MODEL, cfg, opt(), progress=False)
     assert not os.path.exists(tmp_path / "a" / "checkpoints" / "1")
-    train(str(tmp_path / "b"), checkpoint.read_config(merged), cfg, opt(), progress=False)     # the model it holds
-    assert os.path.isdir(tmp_path / "b" / "checkpoints" / "1")
+    # the model it holds (MODEL = @moejax.checkpoint_config()): its params load as a run's initial params
+    own = checkpoint.read_config(merged)
+    fns2 = StepFns(own, opt().tx, make_run_mesh({"data": 1}))
+    params = checkpoint.load_params(merged, fns2.abstract_state().params, expect=own)
+    assert params["encoder"]["stack"]["blocks"][1]["ffn"]["experts"]["wi"][...].shape[1] == 2
     with pytest.raises(ValueError, match="quantized models are for eval / infer, not training"):
         train(str(tmp_path / "c"), checkpoint.read_config(quant), dataclasses.replace(cfg, initial_checkpoint=quant),
               opt(), progress=False)
