@@ -238,8 +238,7 @@ class Checkpointer:
         ValueError. ValueError too when no step is intact."""
         damaged = []
         for step in reversed(self.all_steps()):
-            self.check_items(step, {k: getattr(abstract_state, k) for k in ("params", "opt_state")})
-            try:
+            try:                    # restore() checks the items first: a mismatch raises before any read
                 state = self.restore(abstract_state, step)
                 if check is not None:
                     check(state)
