@@ -13,7 +13,8 @@ import importlib
 CONVERTERS = {"mixtral": "hf_mixtral", "mistral": "hf_mixtral", "llama": "hf_mixtral",
               "switch_transformers": "hf_switch", "t5": "hf_switch", "nllb-moe": "hf_nllb",
               "qwen2_moe": "hf_qwen_moe", "qwen3_moe": "hf_qwen_moe", "olmoe": "hf_qwen_moe",
-              "deepseek_v2": "hf_deepseek", "deepseek_v3": "hf_deepseek", "gpt_oss": "hf_gpt_oss"}
+              "deepseek_v2": "hf_deepseek", "deepseek_v3": "hf_deepseek",
+              "kimi_k2": "hf_deepseek", "gpt_oss": "hf_gpt_oss"}
 
 
 def converter(model_type: str):

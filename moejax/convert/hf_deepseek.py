@@ -12,6 +12,9 @@ of ``n_routed_experts`` SwiGLU experts of ``moe_intermediate_size`` plus an unga
 * ``deepseek_v3``: sigmoid scores, a selection-only ``e_score_correction_bias``, groups scored by
   their top-2 sum (``noaux_tc``), weights renormalised (``norm_topk_prob``) and scaled; RoPE
   interleaved unless ``rope_interleave: false``.
+* ``kimi_k2``: Kimi-K2's Hub checkpoints (``architectures: DeepseekV3ForCausalLM`` with DeepSeek's
+  own modeling code through ``auto_map``): read exactly as ``deepseek_v3`` (FP8 weights included);
+  exported back as ``deepseek_v3``, which transformers loads without remote code.
 
 Interleaved RoPE pairs ``(2i, 2i+1)`` are moved into moejax's rotate-half layout by permuting the
 RoPE rows of the query and shared-key projections on import (and back on export): q . k is
@@ -48,7 +51,11 @@ from moejax.models import Decoder, DecoderConfig
 from moejax.models.layers import Yarn
 from moejax.moe import MoeConfig
 
-SUPPORTED = ("deepseek_v2", "deepseek_v3")
+SUPPORTED = ("deepseek_v2", "deepseek_v3", "kimi_k2")
+#: model types with DeepSeek-V3's routing (sigmoid scores, selection bias, ``noaux_tc``): Kimi-K2's
+#: Hub checkpoints are DeepSeek-V3 models (``architectures: DeepseekV3ForCausalLM``, DeepSeek's own
+#: modeling code through ``auto_map``) under ``model_type: kimi_k2``
+_V3_LIKE = ("deepseek_v3", "kimi_k2")
 
 # the transformers 4.57 config classes' defaults for a field a config.json may leave out
 _DEFAULTS = {
@@ -67,6 +74,8 @@ _DEFAULTS = {
                     "num_experts_per_tok": 8, "first_k_dense_replace": 3, "norm_topk_prob": True,
                     "rms_norm_eps": 1e-6, "rope_theta": 1e4, "rope_interleave": True, "tie_word_embeddings": False},
 }
+# Kimi-K2 ships DeepSeek's DeepseekV3Config (the same defaults); its config.json sets every field
+_DEFAULTS["kimi_k2"] = _DEFAULTS["deepseek_v3"]
 
 FIELDS = FieldTable(
     "deepseek_v2/deepseek_v3",
@@ -113,7 +122,7 @@ def config_from_hf(hf: dict, *, ignore_fields=(), weights=None, **overrides) -> 
     FIELDS.check(hf, ignore_fields)
     block_size(hf)                      # block-scaled FP8 weights (V3's Hub checkpoint) are dequantised on read
     get = lambda k: _get(hf, model_type, k)  # noqa: E731
-    v3 = model_type == "deepseek_v3"
+    v3 = model_type in _V3_LIKE
     if "rope_interleave" in hf and not v3:
         raise ValueError("deepseek_v2 config.json has rope_interleave, which only deepseek_v3 reads; "
                          "is model_type right?")

@@ -53,7 +53,7 @@ def _qwen_moe(d, layers, heads, kv, experts, k, moe_ff, dense_ff, vocab=151936, 
 
 def _deepseek(d, layers, heads, experts, k, moe_ff, dense_ff, shared, *, q_rank, first_dense, v3, groups=1,
               top_groups=1, scale=1.0, vocab=102400, yarn=None, kv_rank=512, nope=128, rope=64, v=128,
-              eps=1e-6) -> DecoderConfig:
+              eps=1e-6, theta=10000.0) -> DecoderConfig:
     # DeepSeek-V2 / V3: MLA attention, the first k blocks dense, then fine-grained SwiGLU experts +
     # ungated shared experts. V2: softmax scores, group-limited by each group's best expert, raw
     # weights; V3: sigmoid scores + a selection bias, groups by their top-2 sum, renormalised. Both
@@ -69,7 +69,7 @@ def _deepseek(d, layers, heads, experts, k, moe_ff, dense_ff, shared, *, q_rank,
         rope_scaling = Yarn(factor=factor, original_max_position=4096, mscale=mscale, mscale_all_dim=mscale_all)
         attn_scale = (nope + rope) ** -0.5 * Yarn.get_mscale(factor, mscale_all) ** 2
     return DecoderConfig(vocab_size=vocab, d_model=d, num_layers=layers, num_heads=heads, num_kv_heads=heads,
-                         head_dim=rope, d_ff=dense_ff, norm_eps=eps, rope_theta=10000.0, attention="mla",
+                         head_dim=rope, d_ff=dense_ff, norm_eps=eps, rope_theta=theta, attention="mla",
                          q_lora_rank=q_rank, kv_lora_rank=kv_rank, qk_nope_head_dim=nope, qk_rope_head_dim=rope,
                          v_head_dim=v, rope_scaling=rope_scaling, attn_scale=attn_scale,
                          first_dense_layers=first_dense, moe=moe, moe_every=1)
@@ -165,6 +165,12 @@ REGISTRY: dict[str, Callable[[], DecoderConfig | EncDecConfig]] = {
                                      groups=8, top_groups=3, scale=16.0, yarn=(40.0, 0.707, 0.707)),
     "deepseek_v3": lambda: _deepseek(7168, 61, 128, 256, 8, 2048, 18432, 1, q_rank=1536, first_dense=3, v3=True,
                                      groups=8, top_groups=4, scale=2.5, vocab=129280, yarn=(40.0, 1.0, 1.0)),
+    # Kimi-K2 (Base / Instruct: 128K context, YaRN x32; Instruct-0905: 256K, YaRN x64): V3's layout
+    # with 384 experts, 64 heads, one dense layer, no expert groups, theta 5e4, a 163840-token vocab
+    "kimi_k2": lambda: _deepseek(7168, 61, 64, 384, 8, 2048, 18432, 1, q_rank=1536, first_dense=1, v3=True,
+                                 scale=2.827, vocab=163840, yarn=(32.0, 1.0, 1.0), theta=50000.0),
+    "kimi_k2_0905": lambda: _deepseek(7168, 61, 64, 384, 8, 2048, 18432, 1, q_rank=1536, first_dense=1, v3=True,
+                                      scale=2.827, vocab=163840, yarn=(64.0, 1.0, 1.0), theta=50000.0),
     # gpt-oss-20b (20.915B / 4.187B active with embedding and head; the model card's 3.6B leaves out the
     # input embedding) and gpt-oss-120b (116.829B / 5.712B; card 5.1B)
     "gpt_oss_20b": lambda: _gpt_oss(24, 32),

@@ -83,6 +83,27 @@ def test_logits_greedy_and_export_match_transformers(tmp_path, case):
     np.testing.assert_allclose(hf_logits(back, IDS), hf_logits(hf, IDS), atol=1e-5)
 
 
+def test_kimi_k2_hub_layout_reads_as_deepseek_v3(tmp_path):
+    """Kimi-K2's Hub checkpoints are DeepSeek-V3 models under ``model_type: kimi_k2`` with remote code:
+    the same weights under that config give the V3 model (to_hf writes it back as deepseek_v3)."""
+    import json
+
+    torch.manual_seed(1)
+    hf = perturbed(v3(n_group=1, topk_group=1, routed_scaling_factor=2.827, rope_scaling=YARN))
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    want = np.asarray(from_hf(str(tmp_path))[0](jnp.asarray(IDS))[0])
+    conf = json.loads((tmp_path / "config.json").read_text())
+    conf.update(model_type="kimi_k2", auto_map={"AutoConfig": "configuration_deepseek.DeepseekV3Config",
+                                                "AutoModelForCausalLM": "modeling_deepseek.DeepseekV3ForCausalLM"})
+    (tmp_path / "config.json").write_text(json.dumps(conf))
+    model, cfg = from_hf(str(tmp_path))
+    assert cfg.moe.router_score == "sigmoid" and cfg.moe.selection_bias and cfg.moe.routed_scale == 2.827
+    np.testing.assert_array_equal(np.asarray(model(jnp.asarray(IDS))[0]), want)
+    np.testing.assert_allclose(want, hf_logits(hf, IDS), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="kimi_k2 config.json has scoring_func='softmax'"):
+        config_from_hf({**conf, "scoring_func": "softmax"})
+
+
 @pytest.mark.parametrize("case", ["v3_yarn_tied"])     # q_lora, sigmoid + bias, groups, YaRN, tied head
 def test_gradients_match_transformers(tmp_path, case):
     """Every parameter's gradient of a log-likelihood against torch autograd on the same model,

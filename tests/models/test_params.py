@@ -109,6 +109,10 @@ def test_counts_match_closed_form(name):
     ("deepseek_v2_lite", 15.706e9, 2.661e9),
     ("deepseek_v2", 235.741e9, 21.376e9),
     ("deepseek_v3", 671.026e9, 37.552e9),
+    # Kimi-K2 (computed from the released config: 1.026T / 32.862B with embedding and head; Moonshot
+    # publishes 1.04T / 32.6B activated, a total this config's tensors do not reach)
+    ("kimi_k2", 1026.408e9, 32.862e9),
+    ("kimi_k2_0905", 1026.408e9, 32.862e9),
     # gpt-oss (model card 21B / 3.6B and 117B / 5.1B: active without the input embedding; computed
     # from the configs: 20.915B / 4.187B and 116.829B / 5.712B with it)
     ("gpt_oss_20b", 20.915e9, 4.187e9),
