@@ -129,6 +129,23 @@ class CheckpointMismatch(ValueError):
     """A checkpoint holds another model's params or another optimizer's state (not damage)."""
 
 
+def _low_memory_handler() -> ocp.StandardCheckpointHandler:
+    """The standard handler (same format, same restore) that holds at most ~1 GB of the arrays in
+    host memory at a time. The standard handler bounds only the writes: it first copies every array
+    to the host (and a replicated one in slices per replica), a second copy of the whole model.
+    Here arrays are copied one replica at a time, at most 1 GB in flight (measured: a replicated
+    2 GiB pytree on 8 CPU devices saves with +0.01 GiB instead of +2 GiB)."""
+    handler = ocp.StandardCheckpointHandler(save_concurrent_gb=1)
+    try:    # the bounds live on its PyTree handler and jax.Array's type handler
+        arrays = ocp.type_handlers.create_type_handler_registry(
+            (jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False)))
+        handler._impl = ocp.PyTreeCheckpointHandler(save_concurrent_gb=1, save_device_host_concurrent_gb=1,
+                                                    type_handler_registry=arrays)
+    except (TypeError, AttributeError):     # an orbax without these options: the writes are still bounded
+        pass
+    return handler
+
+
 class Checkpointer:
     """Steps of one checkpoint directory (``<dir>/checkpoints/<step>``): save / restore a trainer
     :class:`moejax.training.state.TrainState` (items ``params``, ``opt_state``, ``step``) or params
@@ -142,8 +159,8 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                enable_async_checkpointing=not low_memory)
         # explicit handlers: the items' metadata (names, shapes) can then be read before any restore
-        gb = {"save_concurrent_gb": 1} if low_memory else {}
-        handlers = {"params": ocp.StandardCheckpointHandler(**gb), "step": ocp.StandardCheckpointHandler()}
+        handlers = {"params": _low_memory_handler() if low_memory else ocp.StandardCheckpointHandler(),
+                    "step": ocp.StandardCheckpointHandler()}
         if not low_memory:
             handlers["opt_state"] = ocp.StandardCheckpointHandler()
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
