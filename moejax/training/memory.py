@@ -17,16 +17,24 @@ prints it). Rows, per device:
   is what is counted (``full``: each scanned period's input only); the MoE layers' dispatch
   buffers, expert hidden activations and combine weights are among the residuals, with the groups
   and capacity the layer computes. Broadcasts (masks, scalars) are not counted: XLA fuses them;
-- **backward workspace**: what one scanned period's backward needs on top (its forward residuals,
-  recomputed under remat, and their cotangents: twice the period's residuals), and the logits'
-  cotangent ``[b, s, v]`` in float32;
+- **backward workspace**: what the backward pass needs on top of the residuals and the gradients:
+  the gradient program (forward, backward, every scan, remat and MoE dispatch inside it) is walked
+  in its own order with each intermediate alive from its definition to its last use
+  (:func:`live_peak`: elementwise chains and layout-only ops fused away as XLA fuses them, a loop's
+  stacked outputs alive while it runs, per-device bytes as for the residuals, a layer's weights
+  gathered inside the scan under FSDP); the row is that peak less the residuals and gradients (a
+  layer's recomputed residuals under remat, cotangents, the MoE backward's buffers, the logits'
+  cotangent);
 - **batch**: the input features.
 
 Checked against :func:`compiled_peak` (``jit(train_step).lower(...).compile().memory_analysis()``)
-on the 8-device CPU mesh (tests/training/test_memory_plan.py): an MoE decoder within 15% with and
-without remat and FSDP; encoder-decoders are over-predicted (XLA:CPU fuses away attention residuals
-jax keeps: 1.5-2.3x on tiny Switch models), dense decoders by ~25%. Other backends assign buffers
-their own way: the total estimates the same terms (leave ~10% for scratch and fragmentation).
+on the 8-device CPU mesh (tests/training/test_memory_plan.py), plan / compiled: a Mixtral-style MoE
+decoder 0.90 (no remat, data=8), 1.02 (full remat, data=8), 1.08 (full remat, fsdp=8); a Switch
+encoder-decoder of 4 + 4 layers 0.99 / 1.00 (no remat, data2 x expert4 / fsdp2 x expert4), 0.86 /
+0.91 (full remat); a dense decoder 1.11. A stack of a single scanned period is the exception: XLA
+unrolls its one-trip loop, and under remat merges the recomputed forward back into the original
+(a 2 + 2 Switch: 1.37 without remat, 0.69 with). Other backends assign buffers their own way: the
+total estimates the same terms (leave ~10% for scratch and fragmentation).
 """
 
 from __future__ import annotations
@@ -125,9 +133,9 @@ def _nbytes(a) -> int:
     return math.prod(a.shape) * np.dtype(a.dtype).itemsize
 
 
-def residuals(cfg, batch: dict, loss: LossConfig | None = None) -> list[jax.ShapeDtypeStruct]:
-    """The arrays ``jax.vjp`` of the train loss keeps for the backward pass (abstract: traced only),
-    parameters and inputs passed through excluded."""
+def _traced_loss(cfg, loss: LossConfig | None):
+    """``(abstract params, loss(params, batch))`` of the train step: the model with the RNG streams
+    folded with the (traced) step, as :class:`moejax.training.state.StepFns` has it."""
     loss = loss or LossConfig()
     factory = lambda: build_model(cfg, nnx.Rngs(0))
     graphdef, params, _ = nnx.split(nnx.eval_shape(factory), nnx.Param, ...)
@@ -135,9 +143,17 @@ def residuals(cfg, batch: dict, loss: LossConfig | None = None) -> list[jax.Shap
     # param initialisers, so this allocates nothing of the model's size
     rest = jax.jit(lambda: nnx.split(factory(), nnx.Param, ...)[2])()
 
-    def step_loss(p, b):          # as the train step: the RNG streams folded with the (traced) step
+    def step_loss(p, b):
         model = nnx.merge(graphdef, p, fold_rngs(rest, jnp.zeros((), jnp.int32)))
         return loss_fn(model, b, loss, deterministic=False)[0]
+
+    return params, step_loss
+
+
+def residuals(cfg, batch: dict, loss: LossConfig | None = None) -> list[jax.ShapeDtypeStruct]:
+    """The arrays ``jax.vjp`` of the train loss keeps for the backward pass (abstract: traced only),
+    parameters and inputs passed through excluded."""
+    params, step_loss = _traced_loss(cfg, loss)
 
     def f(p, b):
         return jax.vjp(lambda p: step_loss(p, b), p)
@@ -155,6 +171,73 @@ def residuals(cfg, batch: dict, loss: LossConfig | None = None) -> list[jax.Shap
             continue
         out.append(jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype))
     return out
+
+
+def grad_jaxpr(cfg, batch: dict, loss: LossConfig | None = None):
+    """The jaxpr of the train loss's gradient (forward, backward and every scan / remat inside it)
+    at the abstract ``batch``: what :func:`live_peak` walks."""
+    params, step_loss = _traced_loss(cfg, loss)
+    return jax.make_jaxpr(jax.grad(step_loss))(params, batch).jaxpr
+
+
+#: primitives XLA fuses into their consumers when every consumer is one of them too (loop fusion):
+#: their outputs are then never materialised
+_ELEMENTWISE = frozenset({
+    "add", "sub", "mul", "div", "neg", "exp", "exp2", "log", "log1p", "expm1", "tanh", "logistic", "max", "min",
+    "select_n", "convert_element_type", "integer_pow", "pow", "sqrt", "rsqrt", "abs", "sign", "eq", "ne", "lt",
+    "le", "gt", "ge", "and", "or", "not", "xor", "square", "erf", "erf_inv", "stop_gradient", "copy", "copy_p",
+    "clamp", "broadcast_in_dim", "reshape", "squeeze", "expand_dims", "iota", "is_finite", "floor", "ceil",
+    "round", "cos", "sin", "rem", "nextafter", "shift_left", "shift_right_logical", "shift_right_arithmetic"})
+
+
+#: layout-only primitives XLA folds into whatever consumes them (a dot's dimension numbers, a fusion)
+_VIEWS = frozenset({"transpose", "reshape", "squeeze", "expand_dims", "broadcast_in_dim", "slice", "dynamic_slice"})
+
+
+def _sub_jaxprs(eqn) -> list:
+    out = []
+    for p in eqn.params.values():
+        for q in (p if isinstance(p, (tuple, list)) else (p,)):
+            if hasattr(q, "jaxpr") and hasattr(q, "consts"):
+                out.append(q.jaxpr)
+            elif hasattr(q, "eqns"):
+                out.append(q)
+    return out
+
+
+def live_peak(jaxpr, nbytes, depth: int = 0) -> float:
+    """The most bytes of intermediates alive at once when ``jaxpr`` runs in its own order, each
+    freed after its last use (its inputs are not counted: they are owned by the caller). An output
+    is not counted when its op only changes layout (transpose, reshape, slice, ...: folded into the
+    consumer) or is elementwise with only elementwise consumers (XLA fuses the chain); a nested
+    jaxpr (scan / while body, remat, cond branches, custom VJPs) adds its own peak on top of what is
+    alive around it (a loop's stacked outputs included: they exist while it runs).
+    ``nbytes(aval, depth)``: the per-device bytes of a value, ``depth`` the nesting level (0: the
+    step itself; > 0: inside a loop body, where a layer's weights are gathered)."""
+    last, consumers = {}, {}
+    for i, e in enumerate(jaxpr.eqns):
+        for v in e.invars:
+            if not isinstance(v, Literal):
+                last[v] = i
+                consumers.setdefault(v, []).append(e.primitive.name)
+    outs = {v for v in jaxpr.outvars if not isinstance(v, Literal)}
+    live, peak, alive = 0.0, 0.0, {}
+    for i, e in enumerate(jaxpr.eqns):
+        inner = max((live_peak(j, nbytes, depth + 1) for j in _sub_jaxprs(e)), default=0.0)
+        if e.primitive.name not in ("scan", "while"):
+            peak = max(peak, live + inner)      # a call's outputs are among its own intermediates
+        for v in e.outvars:             # a loop's (stacked) outputs exist while it runs
+            if v not in outs and v not in last:
+                continue                                        # dead (dropped) output
+            if v not in outs and (e.primitive.name in _VIEWS or (
+                    e.primitive.name in _ELEMENTWISE and all(c in _ELEMENTWISE for c in consumers.get(v, ())))):
+                continue                                        # fused into its consumers
+            alive[v] = nbytes(v.aval, depth)
+            live += alive[v]
+        peak = max(peak, live + inner)
+        for v in [v for v in alive if last.get(v, -1) <= i and v not in outs]:
+            live -= alive.pop(v)
+    return peak
 
 
 def _fused_away(eqn, var) -> bool:
@@ -261,34 +344,33 @@ def plan(cfg, mesh_shape: dict, batch: int, lengths: dict, *, remat: str | None 
         return _nbytes(a) * frac if frac is not None else _local(a, model_axis, split)
 
     acts = sum(local(a) for a in res)
-    # one layer's backward on top: its residuals (recomputed under remat) and their cotangents
-    if local_cfg.remat != "none":
-        res = residuals(local_cfg.replace(remat="none"), local_batch, loss)
-    period = _one_layer_bytes(_stacked(local_cfg, res), local)
-    b, s = batch // batch_shards, int(lengths["targets"])
-    logits_cot = b * s * cfg.vocab_size * 4 / (model_axis if cfg.vocab_size % model_axis == 0 else 1)
-    work = 2 * period + logits_cot
+    # the backward pass on top of the residuals and gradients: the peak of everything alive at once
+    # when the gradient program runs in its own order (a layer's recomputed residuals under remat,
+    # cotangents, the MoE dispatch buffers of its backward, the logits' cotangent), less those two
+    full_param = {tuple(a.shape): 1.0 / math.prod(spec_divisor(sh.spec, mesh, d) for d in range(len(a.shape)))
+                  for a, sh in zip(p_leaves, sh_leaves)}
+    layer_param = {}                    # one layer's slice of a stacked parameter, inside the scan
+    for a, sh in zip(p_leaves, sh_leaves):
+        if len(a.shape) > 1:
+            frac = 1.0 / math.prod(spec_divisor(sh.spec, mesh, d, skip=("fsdp",)) for d in range(1, len(a.shape)))
+            layer_param.setdefault(tuple(a.shape[1:]), frac)
+
+    def live_bytes(aval, depth: int) -> float:
+        shape = tuple(aval.shape)
+        if depth == 0 and shape in full_param:          # a gradient (sharded like its parameter)
+            return _nbytes(aval) * full_param[shape]
+        if depth > 0 and shape in layer_param:          # one layer's weights or their gradient
+            return _nbytes(aval) * layer_param[shape]
+        return local(aval)
+
+    dynamic = live_peak(grad_jaxpr(local_cfg, local_batch, loss), live_bytes)
+    work = max(dynamic - acts - pbytes, 0.0)
     rows = {"params": pbytes, "optimizer state": obytes, "gradients": pbytes, "activations": acts,
             "backward workspace": work,
             "batch": sum(_nbytes(a) for a in local_batch.values())}
     dt = jnp.dtype(cfg.dtype).name
     return MemoryPlan(name or type(cfg).__name__, dict(mesh_shape), batch, dict(lengths), cfg.remat, dt,
                       optimizer + (" + f32 master" if master_weights else ""), rows, flags)
-
-
-def _stacked(cfg, res) -> list:
-    """Residuals stacked over the scanned layers (leading dim = a stack's number of periods)."""
-    if isinstance(cfg, EncDecConfig):
-        periods = {cfg.num_encoder_layers // cfg.period(False), cfg.num_decoder_layers // cfg.period(True)}
-    else:
-        periods = {cfg.num_layers // cfg.period}
-    return [a for a in res if a.shape and a.shape[0] in periods]
-
-
-def _one_layer_bytes(stacked: list, local) -> float:
-    """Per-device bytes of one period of the largest layer stack, ``local(a)`` the bytes of ``a``."""
-    return max((sum(local(a) / a.shape[0] for a in stacked if a.shape[0] == n)
-                for n in {a.shape[0] for a in stacked}), default=0.0)
 
 
 def compiled_peak(cfg, mesh, batch: int, lengths: dict, *, optimizer: str = "adamw", master_weights: bool = False,
