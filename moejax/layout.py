@@ -22,7 +22,8 @@ What is computed, per device:
   axis (routers excepted: every device routes its own tokens; on a mesh without ``model``, dense
   weights are data-parallel replicas by design), expert weights whose expert axis is not split over
   ``expert``, and groups that would not divide the batch shards with the config's own
-  ``group_multiple``.
+  ``group_multiple`` (a dropless layer whose losses are not per group picks a multiple of the batch
+  shards itself: :func:`moejax.moe.capacity.group_multiple`).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from moejax.models.build import abstract_model
 from moejax.models.config import EncDecConfig
 from moejax.models.registry import get_config
 from moejax.moe import MoeLayer, Router
-from moejax.moe.capacity import num_groups
+from moejax.moe.capacity import layer_groups, num_groups
 from moejax.moe.experts import ffn_matrices
 from moejax.moe.factory import backend_class, resolve_backend
 from moejax.sharding import DEFAULT_RULES, Rules, logical_to_spec, spec_divisor, state_shardings, variable_logical_axes
@@ -210,7 +211,7 @@ def layout(cfg, mesh_shape: dict, batch: int, lengths: dict, *, name: str = "", 
         except ValueError:
             out.flags.append(f"{tokens} tokens cannot form groups divisible by {batch_shards} batch shards")
             continue
-        if num_groups(tokens, mcfg.max_group_size, mcfg.group_multiple) % batch_shards:
+        if layer_groups(mcfg, batch, int(length), batch_shards) % batch_shards:
             flag = f"set MoeConfig.group_multiple={batch_shards}"
             if flag not in out.flags:
                 out.flags.append(flag)

@@ -111,7 +111,8 @@ def config_from_hf(hf: dict, *, ignore_fields=(), weights=None, **overrides) -> 
         pattern = None
     e = get("num_local_experts")
     moe = MoeConfig(num_experts=e, d_model=d, d_ff=get("intermediate_size"), top_k=get("num_experts_per_tok"),
-                    weight_norm="topk", router_bias=True, use_bias=True, dropless=True, activation="clamped-swiglu")
+                    weight_norm="topk", router_bias=True, use_bias=True, dropless=True, activation="clamped-swiglu",
+                    balance_loss_scope="global")
     cfg = DecoderConfig(
         vocab_size=get("vocab_size"), d_model=d, num_layers=layers, num_heads=heads,
         num_kv_heads=get("num_key_value_heads") or heads, head_dim=get("head_dim") or d // heads,

@@ -78,7 +78,7 @@ def config_from_hf(hf: dict, *, ignore_fields=(), weights=None, **overrides) -> 
     if model_type == "mixtral":
         moe = MoeConfig(num_experts=get("num_local_experts"), d_model=d, d_ff=hf["intermediate_size"],
                         top_k=get("num_experts_per_tok"), weight_norm="topk", dropless=True, activation="swiglu",
-                        jitter_eps=float(get("router_jitter_noise") or 0.0))
+                        jitter_eps=float(get("router_jitter_noise") or 0.0), balance_loss_scope="global")
     cfg = DecoderConfig(
         vocab_size=hf["vocab_size"], d_model=d, num_layers=hf["num_hidden_layers"], num_heads=heads,
         num_kv_heads=get("num_key_value_heads") or heads, head_dim=head_dim, d_ff=hf["intermediate_size"],

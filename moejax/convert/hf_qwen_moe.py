@@ -125,7 +125,8 @@ def config_from_hf(hf: dict, *, ignore_fields=(), weights=None, **overrides) -> 
         moe = MoeConfig(num_experts=experts, d_model=d, top_k=get("num_experts_per_tok"),
                         d_ff=dense_ff if model_type == "olmoe" else get("moe_intermediate_size"),
                         weight_norm="topk" if get("norm_topk_prob") else "none", dropless=True, activation="swiglu",
-                        num_shared_experts=1 if shared else 0, shared_d_ff=shared or None, shared_gate=bool(shared))
+                        num_shared_experts=1 if shared else 0, shared_d_ff=shared or None, shared_gate=bool(shared),
+                        balance_loss_scope="global")
     if model_type == "qwen2_moe":
         bias = "qkv" if get("qkv_bias") else "none"
     else:

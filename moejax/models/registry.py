@@ -16,7 +16,7 @@ from moejax.moe import MoeConfig
 
 def _mixtral(d, f, layers, heads, kv, vocab, experts=8, k=2, sliding_window=None) -> DecoderConfig:
     moe = MoeConfig(num_experts=experts, d_model=d, d_ff=f, top_k=k, weight_norm="topk", dropless=True,
-                    activation="swiglu")
+                    activation="swiglu", balance_loss_scope="global")
     return DecoderConfig(vocab_size=vocab, d_model=d, num_layers=layers, num_heads=heads, num_kv_heads=kv,
                          head_dim=d // heads, d_ff=f, norm_eps=1e-5, rope_theta=1e6, sliding_window=sliding_window,
                          moe=moe, moe_every=1)
@@ -45,7 +45,7 @@ def _qwen_moe(d, layers, heads, kv, experts, k, moe_ff, dense_ff, vocab=151936, 
     # whole projection): dropless softmax top-k routers over SwiGLU experts, every layer sparse
     moe = MoeConfig(num_experts=experts, d_model=d, d_ff=moe_ff, top_k=k, weight_norm="topk" if norm_topk else "none",
                     dropless=True, activation="swiglu", num_shared_experts=1 if shared_ff else 0,
-                    shared_d_ff=shared_ff or None, shared_gate=bool(shared_ff))
+                    shared_d_ff=shared_ff or None, shared_gate=bool(shared_ff), balance_loss_scope="global")
     return DecoderConfig(vocab_size=vocab, d_model=d, num_layers=layers, num_heads=heads, num_kv_heads=kv,
                          head_dim=head_dim, d_ff=dense_ff, norm_eps=eps, rope_theta=theta,
                          attention_bias=attention_bias, qk_norm=qk_norm, moe=moe, moe_every=1)
@@ -84,7 +84,7 @@ def _gpt_oss(layers, experts, d=2880, heads=64, kv=8, head_dim=64, f=2880, k=4, 
     # full attention, YaRN (truncate off), every layer MoE: a biased router, softmax over the top-4
     # logits, clamped SwiGLU experts with biases
     moe = MoeConfig(num_experts=experts, d_model=d, d_ff=f, top_k=k, weight_norm="topk", router_bias=True,
-                    use_bias=True, dropless=True, activation="clamped-swiglu")
+                    use_bias=True, dropless=True, activation="clamped-swiglu", balance_loss_scope="global")
     return DecoderConfig(vocab_size=vocab, d_model=d, num_layers=layers, num_heads=heads, num_kv_heads=kv,
                          head_dim=head_dim, d_ff=f, norm_eps=1e-5, rope_theta=150000.0, rope_scaling=yarn,
                          attention_bias="all", attention_sinks=True, window_pattern=(window, None), moe=moe,

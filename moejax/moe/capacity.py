@@ -11,6 +11,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from moejax.sharding import logical_to_spec, spec_divisor
+
 
 def num_groups(num_tokens: int, max_group_size: int, multiple: int = 1) -> int:
     """Smallest number of equal groups ``g`` with ``num_tokens / g <= max_group_size``.
@@ -29,6 +31,40 @@ def num_groups(num_tokens: int, max_group_size: int, multiple: int = 1) -> int:
         f"{num_tokens} tokens cannot be split into a multiple of {multiple} groups of at most "
         f"{max_group_size} tokens; make batch*length divisible by {multiple}"
     )
+
+
+def group_multiple(cfg, batch_shards: int | None = None) -> int:
+    """The multiple the number of token groups is made of for ``cfg`` (a :class:`MoeConfig`) on a
+    mesh of ``batch_shards`` batch shards (default: those of the current ``jax.set_mesh`` mesh under
+    ``cfg.axis_rules``; none: 1): ``cfg.group_multiple``, raised to a multiple of the batch shards
+    when the grouping cannot change the layer's result: a dropless layer (every assignment is
+    computed, whatever the groups) whose load-balancing loss is not taken per group
+    (``balance_loss_scope`` ``'global'`` or ``'sequence'``; the z-loss and the selection-bias load
+    are means over all tokens). Then the group axis splits over the devices instead of every device
+    computing every group."""
+    if batch_shards is None:
+        mesh = jax.sharding.get_abstract_mesh()
+        empty = mesh is None or mesh.empty
+        batch_shards = 1 if empty else spec_divisor(logical_to_spec(("batch",), cfg.axis_rules, mesh), mesh, 0)
+    if not cfg.dropless or cfg.balance_loss_scope == "group":
+        return cfg.group_multiple
+    return math.lcm(cfg.group_multiple, batch_shards)
+
+
+def layer_groups(cfg, batch: int, seq_len: int, batch_shards: int | None = None) -> int:
+    """Token groups of an MoE layer called on ``[batch, seq_len]`` tokens: one per sequence with
+    ``sequence_groups``, else :func:`num_groups` with :func:`group_multiple` (``cfg.group_multiple``
+    when the tokens do not split into the mesh's multiple)."""
+    if cfg.sequence_groups:
+        return batch
+    n = batch * seq_len
+    m = group_multiple(cfg, batch_shards)
+    if m != cfg.group_multiple:
+        try:
+            return num_groups(n, cfg.max_group_size, m)
+        except ValueError:
+            pass
+    return num_groups(n, cfg.max_group_size, cfg.group_multiple)
 
 
 def expert_capacity(

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from moejax.moe.capacity import layer_capacity, num_groups
+from moejax.moe.capacity import layer_capacity, layer_groups
 from moejax.moe.config import MoeConfig
 from moejax.moe.experts import DenseFFN, Experts, FFNCall
 from moejax.moe.factory import make_backend, make_router
@@ -209,7 +209,7 @@ class MoeLayer(nnx.Module):
         padding_mask, task_ids = self._check_inputs(x, padding_mask, task_ids)
         b, s, d = x.shape
         n = b * s
-        g = b if cfg.sequence_groups else num_groups(n, cfg.max_group_size, cfg.group_multiple)
+        g = layer_groups(cfg, b, s)
         t = n // g
         xg = constrain(x.reshape(g, t, d), ("batch", None, "embed"), cfg.axis_rules)
         mask = padding_mask.astype(bool).reshape(g, t)

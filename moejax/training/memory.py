@@ -51,7 +51,7 @@ from jax.sharding import AbstractMesh, NamedSharding
 
 from moejax.models.build import build_model
 from moejax.models.config import EncDecConfig, override, with_dtypes
-from moejax.moe.capacity import num_groups
+from moejax.moe.capacity import layer_groups
 from moejax.sharding import DEFAULT_RULES, Rules, logical_to_spec, spec_divisor, state_shardings
 from moejax.training.config import LossConfig
 from moejax.training.loss import loss_fn
@@ -321,7 +321,7 @@ def plan(cfg, mesh_shape: dict, batch: int, lengths: dict, *, remat: str | None 
         local_cfg = override(cfg, {"moe.group_multiple": 1})
         for length in {int(v) for v in lengths.values()}:
             try:
-                g = num_groups(batch * length, cfg.moe.max_group_size, cfg.moe.group_multiple)
+                g = layer_groups(cfg.moe, batch, length, batch_shards)
             except ValueError:
                 g = 0
             if g % batch_shards:

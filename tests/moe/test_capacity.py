@@ -64,3 +64,23 @@ def test_assign_slots_matches_loop(seed):
         rs, rk = python_slots(expert[gi], priority[gi], valid[gi], e, c)
         np.testing.assert_array_equal(np.asarray(kept[gi]), rk)
         np.testing.assert_array_equal(np.asarray(slot[gi])[valid[gi]], rs[valid[gi]])
+
+
+def test_dropless_layers_with_pooled_losses_group_by_the_mesh(devices):
+    """A dropless layer whose losses do not depend on the grouping (global / sequence balance loss)
+    makes its groups a multiple of the batch shards of the current mesh; a per-group loss, a capacity
+    layer or no mesh keep ``group_multiple``; tokens that cannot split fall back to it."""
+    from moejax.moe import MoeConfig
+    from moejax.moe.capacity import group_multiple, layer_groups
+    from moejax.sharding import make_mesh
+
+    glob = MoeConfig(num_experts=4, d_model=8, d_ff=16, top_k=2, dropless=True, balance_loss_scope="global")
+    per_group = glob.replace(balance_loss_scope="group")
+    capped = glob.replace(dropless=False)
+    assert layer_groups(glob, 32, 128) == 1                      # no mesh: 4096 tokens fit one group
+    with jax.set_mesh(make_mesh({"data": 2, "expert": 4}, devices)):
+        assert group_multiple(glob) == 8 and layer_groups(glob, 32, 128) == 8
+        assert layer_groups(glob.replace(balance_loss_scope="sequence", group_multiple=3), 48, 128) == 24
+        assert layer_groups(per_group, 32, 128) == 1 and layer_groups(capped, 32, 128) == 1
+        assert layer_groups(glob, 1, 4) == 1                     # 4 tokens: no multiple of 8 groups
+    assert group_multiple(glob, batch_shards=16) == 16

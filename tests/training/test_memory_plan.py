@@ -55,8 +55,23 @@ def test_encoder_decoder_plan_within_15_percent_of_the_compiled_step(remat, shap
 
 
 def test_groups_that_do_not_split_are_flagged():
-    p = plan(get_config("tiny_mixtral"), {"data": 8}, 32, {"targets": 128})   # 4096 tokens, one group
+    # 4096 tokens, one group: a per-group balance loss keeps the config's grouping
+    p = plan(override(get_config("tiny_mixtral"), {"moe.balance_loss_scope": "group"}), {"data": 8}, 32,
+             {"targets": 128})
     assert p.flags and "set moe.group_multiple=8" in p.flags[0], p.flags
+
+
+def test_a_dropless_layer_with_a_pooled_loss_splits_its_groups_over_the_mesh(devices):
+    """Mixtral's global-batch balance loss does not depend on the grouping, so the layer groups the
+    step's 4096 tokens by the 8 batch shards itself: no flag, and the compiled step computes an
+    eighth of the experts' work per device instead of all of it."""
+    cfg, shape, lengths = get_config("tiny_mixtral"), {"data": 8}, {"targets": 128}
+    assert cfg.moe.balance_loss_scope == "global" and cfg.moe.group_multiple == 1
+    assert not plan(cfg, shape, 32, lengths).flags
+    per_group = override(cfg, {"moe.balance_loss_scope": "group"})
+    mesh = make_mesh(shape, devices)
+    auto, whole = compiled_peak(cfg, mesh, 32, lengths), compiled_peak(per_group, mesh, 32, lengths)
+    assert auto < 0.5 * whole, (auto / MIB, whole / MIB)
 
 
 def test_bad_values_are_refused():
