@@ -232,15 +232,18 @@ def _init_distributed(args) -> None:
         initialize(args.coordinator_address, args.process_count, args.process_index)
 
 
-def _syntax_error(binding: str) -> SyntaxError | None:
-    """gin's parse error of one ``KEY = VALUE`` binding on its own, or None."""
+def _syntax_error(binding: str) -> Exception | None:
+    """gin's parse error of one ``KEY = VALUE`` binding on its own, or None (a SyntaxError, or on
+    Python 3.12+ the tokenizer's TokenError for an unclosed quote)."""
+    import tokenize
+
     import gin
     from gin import config_parser
 
     try:
         for _ in config_parser.ConfigParser(binding, gin.config.ParserDelegate(skip_unknown=True)):
             pass
-    except SyntaxError as e:
+    except (SyntaxError, tokenize.TokenError) as e:
         return e
     return None
 

@@ -99,8 +99,10 @@ def test_legacy_converted_directory_still_loads(tmp_path, devices):
     d = str(tmp_path / "legacy")
     shutil.copytree(src, d)                     # orbax may write metadata next to what it reads
     model = moejax.load(d)
-    # saved when "gather" was the default backend: kept as written (dropless gather = the same numbers)
-    assert model.cfg == get_config("tiny_mixtral", num_layers=1, vocab_size=64, **{"moe.backend": "gather"})
+    # saved when "gather" was the default backend and the per-group balance loss the Mixtral default:
+    # kept as written (dropless gather = the same numbers)
+    assert model.cfg == get_config("tiny_mixtral", num_layers=1, vocab_size=64,
+                                   **{"moe.backend": "gather", "moe.balance_loss_scope": "group"})
     logits, _ = model(jnp.asarray(ref["ids"]))
     np.testing.assert_allclose(np.asarray(logits), ref["logits"], rtol=1e-5, atol=1e-5)
     mesh = make_mesh({"data": 2, "expert": 4}, devices)

@@ -249,10 +249,11 @@ def routes_by_task(cfg: ModelConfig) -> bool:
     return cfg.moe is not None and cfg.moe.uses_task_ids
 
 
-#: Config fields that change how a model computes but not its parameters: a run may resume with
-#: other values of these (e.g. bf16 compute, remat, another attention kernel or MoE backend).
+#: Config fields that change how a model computes or trains but not its parameters: a run may
+#: resume with other values of these (e.g. bf16 compute, remat, another attention kernel or MoE
+#: backend, the balance loss taken over the global batch instead of per group).
 RUNTIME_FIELDS = frozenset({"dtype", "remat", "attention_impl", "attention_chunk", "backend", "grouped_matmul",
-                            "axis_rules"})
+                            "axis_rules", "balance_loss_scope"})
 
 
 def config_diff(a, b, prefix: str = "") -> list[tuple[str, Any, Any]]:

@@ -231,8 +231,11 @@ def test_a_compute_dtype_change_resumes_another_model_is_named(run_copy):
     bf16 = dataclasses.replace(MODEL, dtype=jnp.bfloat16, moe=dataclasses.replace(MODEL.moe, dtype=jnp.bfloat16))
     check_model_dir(d, bf16)
     assert checkpoint.read_config(d) == bf16
+    pooled = dataclasses.replace(bf16, moe=dataclasses.replace(bf16.moe, balance_loss_scope="global"))
+    check_model_dir(d, pooled)                  # a loss setting, not another model
+    assert checkpoint.read_config(d) == pooled
     with pytest.raises(ValueError, match=r"another model \(d_ff 128 -> 64\)"):
-        check_model_dir(d, dataclasses.replace(bf16, d_ff=64))
+        check_model_dir(d, dataclasses.replace(pooled, d_ff=64))
 
 
 def test_initial_checkpoint_from_merge_and_quantize(tmp_path):
