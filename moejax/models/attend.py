@@ -14,13 +14,21 @@ additive ``bias [1|b, h, s, m]`` (T5 relative positions); they return ``[b, s, h
   and any bias go in as an additive bias), its XLA implementation otherwise (float32 on GPU, CPU,
   TPU). jax's own default (``implementation=None``) is the XLA one even on a GPU, so the choice is
   made here;
-* ``auto``: ``dot_product`` on GPU; elsewhere ``chunked`` when the queries exceed one chunk,
-  else ``xla``. (TPU splash attention is not wired in yet: TPU uses ``chunked``.)
+* ``splash``: Pallas splash attention (``jax.experimental.pallas.ops.tpu.splash_attention``:
+  a block-sparse flash kernel that skips the blocks a causal / sliding-window mask leaves empty)
+  for self-attention whose mask is structural (:class:`Structure`: causal and / or a window over
+  positions that are the token indices, padding as segment ids); anything else (an additive bias,
+  sinks, a KV cache, a value head dim other than the query's, lengths no block of 128 / 256 / 512
+  divides) runs ``chunked``. Off a TPU the kernel runs in Pallas's interpreter (for tests: exact,
+  slow);
+* ``auto``: ``splash`` on TPU where it applies, ``dot_product`` on GPU; elsewhere ``chunked`` when
+  the queries exceed one chunk, else ``xla``.
 """
 
 from __future__ import annotations
 
 import enum
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +39,18 @@ class AttentionImpl(enum.StrEnum):
     XLA = "xla"
     CHUNKED = "chunked"
     DOT_PRODUCT = "dot_product"
+    SPLASH = "splash"
+
+
+class Structure(NamedTuple):
+    """What a self-attention mask is made of when the query and key positions are the token
+    indices ``0..s-1`` (no cache): ``causal`` (keys at or before the query), ``window`` (keys fewer
+    than ``window`` back, or None) and ``valid [b, s]`` (real tokens). The boolean mask given beside
+    it must be ``valid[key] & causal & window``; block-sparse kernels (``splash``) use this instead."""
+
+    causal: bool
+    window: int | None
+    valid: jax.Array
 
 
 def check_impl(name: str, chunk: int) -> None:
@@ -45,8 +65,11 @@ def resolve(name: str, s: int, chunk: int) -> str:
     """The kernel ``auto`` stands for at ``s`` queries on this platform."""
     if name != AttentionImpl.AUTO:
         return name
-    if jax.devices()[0].platform == "gpu":
+    platform = jax.devices()[0].platform
+    if platform == "gpu":
         return AttentionImpl.DOT_PRODUCT
+    if platform == "tpu":
+        return AttentionImpl.SPLASH
     return AttentionImpl.CHUNKED if s > chunk else AttentionImpl.XLA
 
 
@@ -122,14 +145,62 @@ def _dot_product(q, k, v, mask, bias, scale, dtype):
     return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale, implementation="xla").astype(dtype)
 
 
-def attend(q, k, v, *, mask, bias=None, scale: float, dtype, impl: str = "xla", chunk: int = 512, sinks=None):
+def _splash_block(s: int, m: int) -> int | None:
+    """The largest of 512 / 256 / 128 dividing both lengths (the kernel's block), or None."""
+    return next((blk for blk in (512, 256, 128) if s % blk == 0 and m % blk == 0), None)
+
+
+def _splash(q, k, v, structure: Structure, scale, dtype):
+    """Splash attention over ``[b, s, h, x]`` queries and ``[b, m, j, x]`` keys / values (grouped
+    queries: the kv heads repeated), the mask from ``structure``. Padding is a segment id shared by
+    query and key: a real query attends real keys only (as the boolean mask); a padding query
+    attends padding keys, never nothing (its output is discarded either way)."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    b, s, h, x = q.shape
+    m, j = k.shape[1], k.shape[2]
+    if structure.window is not None:
+        # keys fewer than ``window`` back; ahead: none when causal, all otherwise (as the boolean mask)
+        one = sm.LocalMask((s, m), (structure.window - 1, 0 if structure.causal else None), 0)
+    elif structure.causal:
+        one = sm.CausalMask((s, m))
+    else:
+        one = sm.FullMask((s, m))
+    blk = _splash_block(s, m)
+    sizes = sk.BlockSizes(block_q=blk, block_kv=blk, block_kv_compute=blk, block_q_dkv=blk, block_kv_dkv=blk,
+                          block_kv_dkv_compute=blk, block_q_dq=blk, block_kv_dq=blk)
+    kernel = sk.make_splash_mha(sm.MultiHeadMask([one] * h), head_shards=1, q_seq_shards=1, block_sizes=sizes,
+                                interpret=jax.devices()[0].platform != "tpu")
+    qh = jnp.swapaxes(q * jnp.asarray(scale, q.dtype), 1, 2)                    # [b, h, s, x]
+    kh = jnp.repeat(jnp.swapaxes(k, 1, 2), h // j, axis=1)                     # [b, h, m, x]
+    vh = jnp.repeat(jnp.swapaxes(v, 1, 2), h // j, axis=1)
+    seg = structure.valid.astype(jnp.int32)
+    out = jax.vmap(lambda q1, k1, v1, s1: kernel(q1, k1, v1, segment_ids=sk.SegmentIds(s1, s1)))(qh, kh, vh, seg)
+    return jnp.swapaxes(out, 1, 2).astype(dtype)                                # [b, s, h, y]
+
+
+def splash_applies(q, k, v, bias, sinks, structure) -> bool:
+    """Can ``splash`` compute this attention (see the module docstring)?"""
+    return (structure is not None and bias is None and sinks is None and v.shape[-1] == q.shape[-1]
+            and q.shape[1] == k.shape[1] and _splash_block(q.shape[1], k.shape[1]) is not None)
+
+
+def attend(q, k, v, *, mask, bias=None, scale: float, dtype, impl: str = "xla", chunk: int = 512, sinks=None,
+           structure: Structure | None = None):
     """Attention output ``[b, s, h, y]`` with kernel ``impl`` (see the module docstring); ``y`` is
     ``v``'s head dim, which may differ from the query / key dim ``x`` (multi-head latent attention:
     ``dot_product`` then pads ``v`` to ``x`` and slices the output, as transformers does).
     ``sinks [h]``: gpt-oss's attention sinks, a learned logit per head appended to every query's
     scores (with no value), so ``exp(sink)`` joins the softmax denominator; ``jax.nn.
-    dot_product_attention`` has no such input, so ``dot_product`` runs ``chunked`` instead."""
+    dot_product_attention`` has no such input, so ``dot_product`` runs ``chunked`` instead.
+    ``structure``: what ``mask`` is made of (self-attention over token-index positions), which
+    ``splash`` needs; without it ``splash`` runs ``chunked``."""
     impl = resolve(impl, q.shape[1], chunk)
+    if impl == AttentionImpl.SPLASH:
+        if splash_applies(q, k, v, bias, sinks, structure):
+            return _splash(q, k, v, structure, scale, dtype)
+        impl = AttentionImpl.CHUNKED
     if sinks is not None:
         if impl == AttentionImpl.XLA or q.shape[1] <= chunk:
             return _xla(q, k, v, mask, bias, scale, dtype, sinks)

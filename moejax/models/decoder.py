@@ -131,9 +131,10 @@ class Decoder(nnx.Module):
         if ids.ndim != 2:
             raise ValueError(f"Decoder expects token ids of rank 2 [batch, length]; got shape {ids.shape}")
         b, s = ids.shape
-        if positions is None:
-            start = 0 if caches is None else caches[0].index[0]
-            positions = jnp.broadcast_to(start + jnp.arange(s, dtype=jnp.int32), (b, s))
+        if positions is None and caches is not None:
+            positions = jnp.broadcast_to(caches[0].index[0] + jnp.arange(s, dtype=jnp.int32), (b, s))
+        # without a cache, positions left out stay None: the attention layers use the token indices
+        # and know they are (block-sparse kernels: attention_impl 'splash')
         x = self.embed(ids, cfg.dtype)
         kw = dict(positions=positions, padding_mask=padding_mask, task_ids=task_ids)
         if self.prefix is not None:                       # the dense first blocks, their own scan

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from moejax.models.attend import attend, check_impl
+from moejax.models.attend import Structure, attend, check_impl
 
 
 def param(rngs, init, shape, dtype, axes):
@@ -232,7 +232,9 @@ class Attention(nnx.Module):
         Masking: an explicit boolean ``mask`` broadcastable to ``[b, h, s, m]`` (e.g. ``[b, 1, s|1, m]``)
         is used as given; otherwise the mask is built from ``padding_mask [b, m]`` (real keys), the
         query / key ``positions [b, s]`` (``causal``) and the sliding window. ``bias [1|b, h, s, m]``:
-        an additive score bias (T5 relative positions). ``positions`` also drive RoPE.
+        an additive score bias (T5 relative positions). ``positions`` also drive RoPE; left out they
+        are the token indices (continuing from the cache's index), which lets ``attention_impl``
+        ``'splash'`` / ``'auto'`` on TPU run a block-sparse kernel on the causal / window structure.
 
         With ``cache`` (a :class:`KVCache` of length ``m``), the new keys / values are written at
         ``cache.index`` (at ``positions``, or ``index + 0..s-1``) and attention runs over the whole
@@ -254,10 +256,17 @@ class Attention(nnx.Module):
         if self.qkv_clip is not None:
             c = self.qkv_clip
             q, k, v = jnp.clip(q, -c, c), jnp.clip(k, -c, c), jnp.clip(v, -c, c)
+        b, s = x.shape[:2]
+        # positions left out of a cacheless self-attention are the token indices (what block-sparse
+        # kernels need to know); with a cache they continue from its index
+        indexed = positions is None and cache is None and kv is None and mask is None
+        if positions is None and (self.rope_theta is not None or cache is not None or causal
+                                  or self.sliding_window is not None):
+            start = 0 if cache is None else cache.index
+            positions = jnp.broadcast_to(start + jnp.arange(s, dtype=jnp.int32), (b, s))
         if self.rope_theta is not None:
             cos, sin = rope_tables(positions, self.head_dim, self.rope_theta, self.rope_scaling)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        b, s = x.shape[:2]
         key_valid = jnp.ones(k.shape[:2], bool) if padding_mask is None else padding_mask
         kpos = positions
         if cache is not None:
@@ -274,8 +283,9 @@ class Attention(nnx.Module):
             cache = new
         if mask is None:
             mask = self_mask(key_valid, positions, kpos, causal, self.sliding_window)
+        structure = Structure(causal, self.sliding_window, key_valid) if indexed else None
         out = attend(q, k, v, mask=mask, bias=bias, scale=self.scale, dtype=dt, impl=self.impl, chunk=self.chunk,
-                     sinks=None if self.sinks is None else self.sinks[...])
+                     sinks=None if self.sinks is None else self.sinks[...], structure=structure)
         y = jnp.einsum("bshx,hxd->bsd", out, self.o[...].astype(dt))
         if self.out_bias:
             y = y + self.o_bias[...].astype(dt)

@@ -143,3 +143,48 @@ def test_cudnn_dot_product_bf16_equals_float32_reference():
     assert rel(jnp.where(keep, y, 0), jnp.where(keep, y0, 0)) < 1e-2
     for a, r in zip(g, g0, strict=True):
         assert rel(a, r) < 2e-2
+
+
+@pytest.mark.parametrize("window,causal", [(None, True), (100, True), (None, False)],
+                         ids=["causal", "causal-window", "bidirectional"])
+def test_splash_equals_xla_on_real_tokens(window, causal):
+    """Pallas splash attention (in its interpreter off a TPU) on a self-attention over token-index
+    positions: output and every gradient equal ``xla`` on the real tokens (a padding query attends
+    padding keys there instead of the real ones: its output is discarded either way)."""
+    s = 256
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, s, 32)), jnp.float32)
+    pad = jnp.asarray(np.arange(s)[None] < np.array([[s], [190]]))
+
+    def run(impl):
+        graphdef, params = nnx.split(_attn(impl, sliding_window=window))
+
+        def loss(p, x):
+            y = nnx.merge(graphdef, p)(x, padding_mask=pad, causal=causal)
+            return jnp.sum(jnp.sin(y) * pad[..., None]), y
+
+        (_, y), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x)
+        return y, grads
+
+    (y0, g0), (y1, g1) = run("xla"), run("splash")
+    real = np.asarray(pad)
+    np.testing.assert_allclose(np.asarray(y1)[real], np.asarray(y0)[real], atol=2e-6, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0), strict=True):
+        # blockwise online softmax: another f32 summation order over 256 keys (gradients up to ~60)
+        scale = float(np.max(np.abs(np.asarray(b))))
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-6 * scale + 5e-6, rtol=1e-4)
+
+
+def test_splash_falls_back_where_it_does_not_apply():
+    """A bias, explicit positions or a KV cache leave no structure: ``splash`` runs ``chunked``
+    (equal to ``xla`` everywhere, padding rows included); and a whole model with it, cached decoding
+    included, equals the default on its real tokens."""
+    _compare(lambda i: _attn(i, kv_heads=4, rope_theta=None, scale=1.0),
+             lambda m, x: m(x, causal=False, bias=jnp.ones((1, 4, 11, 11))), impls=["splash"])
+    pos = jnp.broadcast_to(jnp.arange(11), (2, 11))
+    _compare(lambda i: _attn(i), lambda m, x: m(x, positions=pos), impls=["splash"])
+    cfg = get_config("tiny_mixtral")
+    ids = jnp.asarray(np.random.default_rng(3).integers(0, 256, (2, 128)))
+    ref = build_model(cfg, nnx.Rngs(0))
+    splash = build_model(cfg.replace(attention_impl="splash"), nnx.Rngs(0))
+    np.testing.assert_allclose(np.asarray(splash(ids)[0]), np.asarray(ref(ids)[0]), atol=1e-4, rtol=1e-4)
+    np.testing.assert_array_equal(np.asarray(generate(splash, ids[:, :8], 4)), np.asarray(generate(ref, ids[:, :8], 4)))
