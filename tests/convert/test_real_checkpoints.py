@@ -277,7 +277,7 @@ def test_unknown_and_unsupported_fields_are_refused_by_name(tmp_path):
 
 def test_one_entry_point_for_every_family(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "bert"}')
-    with pytest.raises(ValueError, match="model_type='bert'.*supported: deepseek_v2, deepseek_v3, gpt_oss, kimi_k2, llama, "
-                                         "mistral, mixtral, nllb-moe, olmoe, qwen2_moe, qwen3_moe, "
+    with pytest.raises(ValueError, match="model_type='bert'.*supported: deepseek_v2, deepseek_v3, gpt_oss, kimi_k2, "
+                                         "llama, mistral, mixtral, nllb-moe, olmoe, qwen2_moe, qwen3_moe, "
                                          "switch_transformers, t5"):
         from_hf(str(tmp_path))
