@@ -260,8 +260,7 @@ class Attention(nnx.Module):
         # positions left out of a cacheless self-attention are the token indices (what block-sparse
         # kernels need to know); with a cache they continue from its index
         indexed = positions is None and cache is None and kv is None and mask is None
-        if positions is None and (self.rope_theta is not None or cache is not None or causal
-                                  or self.sliding_window is not None):
+        if positions is None:
             start = 0 if cache is None else cache.index
             positions = jnp.broadcast_to(start + jnp.arange(s, dtype=jnp.int32), (b, s))
         if self.rope_theta is not None:

@@ -42,12 +42,12 @@ def group_multiple(cfg, batch_shards: int | None = None) -> int:
     (``balance_loss_scope`` ``'global'`` or ``'sequence'``; the z-loss and the selection-bias load
     are means over all tokens). Then the group axis splits over the devices instead of every device
     computing every group."""
+    if not cfg.dropless or cfg.balance_loss_scope == "group":
+        return cfg.group_multiple
     if batch_shards is None:
         mesh = jax.sharding.get_abstract_mesh()
         empty = mesh is None or mesh.empty
         batch_shards = 1 if empty else spec_divisor(logical_to_spec(("batch",), cfg.axis_rules, mesh), mesh, 0)
-    if not cfg.dropless or cfg.balance_loss_scope == "group":
-        return cfg.group_multiple
     return math.lcm(cfg.group_multiple, batch_shards)
 
 

@@ -42,7 +42,7 @@ def test_100m_mixtral_fsdp_expert_parallel_remat_trains_and_resumes_exactly(tmp_
     cfg = read_config(run)
     assert cfg.remat == "full" and cfg.moe.num_experts == 8
     assert 100e6 <= report(cfg).total <= 120e6, report(cfg).total
-    recs = [r for r in read_jsonl(os.path.join(run, "train_metrics.jsonl"))]
+    recs = read_jsonl(os.path.join(run, "train_metrics.jsonl"))
     loss = {r["step"]: r["loss"] for r in recs}
     assert sorted(loss) == list(range(1, 51))
     assert np.mean([loss[s] for s in range(46, 51)]) < np.mean([loss[s] for s in range(1, 6)]) - 0.5, loss
