@@ -6,7 +6,8 @@ window (``layer_types``: ``sliding_attention`` / ``full_attention``) -> moejax `
 YaRN RoPE (``truncate: false``); every layer an MoE of ``num_local_experts`` experts, a biased
 router whose top-k logits are soft-maxed (= softmax over all, renormalised over the k:
 ``weight_norm='topk'``), and gpt-oss's clamped SwiGLU experts with biases
-(``activation='clamped-swiglu'``, limit 7 and alpha 1.702 as transformers hard-codes them).
+(``activation='clamped-swiglu'``, limit 7 and alpha 1.702: transformers 4.x hard-codes them, 5.x
+writes them as ``swiglu_limit`` / ``swiglu_alpha``; other values are refused by name).
 
 Expert weights: ``mlp.experts.gate_up_proj [E, d, 2I]`` (in x out) with the gate and up columns
 **interleaved** (gate = ``0::2``, up = ``1::2``), ``gate_up_proj_bias [E, 2I]``,
@@ -58,7 +59,8 @@ FIELDS = FieldTable(
         "quantization_config"}),
     inert={**DECODER_INERT, "router_aux_loss_coef": TRAINING_ONLY,
            "max_position_embeddings": "read only as YaRN's original length when rope_scaling leaves it out"},
-    fixed={"hidden_act": ("silu",), "attention_bias": (True, None), "swiglu_limit": (7.0, None)},
+    fixed={"hidden_act": ("silu",), "attention_bias": (True, None), "swiglu_limit": (7.0, None),
+           "swiglu_alpha": (1.702, None)},
 )
 
 

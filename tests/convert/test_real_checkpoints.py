@@ -244,10 +244,17 @@ def test_scaled_rope_is_refused_in_both_layouts(tmp_path, layout):
 # ------------------------------------------------------------------------ every field decided
 
 CLASSES = {"hf_mixtral": ("MixtralConfig", "MistralConfig", "LlamaConfig"),
-           "hf_switch": ("T5Config", "SwitchTransformersConfig"), "hf_nllb": ("NllbMoeConfig",)}
-# what transformers 5.23 writes beyond 4.57's fields (saved from tiny models of each class)
+           "hf_switch": ("T5Config", "SwitchTransformersConfig"), "hf_nllb": ("NllbMoeConfig",),
+           "hf_qwen_moe": ("Qwen2MoeConfig", "Qwen3MoeConfig", "OlmoeConfig"),
+           "hf_deepseek": ("DeepseekV2Config", "DeepseekV3Config"), "hf_gpt_oss": ("GptOssConfig",)}
+# what transformers 5.23 writes beyond 4.57's fields (the keys of each class's to_dict() in 5.23 that
+# 4.57's lacks, plus the saved ``dtype``)
 TRANSFORMERS_5_FIELDS = {"hf_mixtral": ("rope_parameters", "dtype"), "hf_switch": ("scale_decoder_outputs", "dtype"),
-                         "hf_nllb": ("dtype",)}
+                         "hf_nllb": ("dtype",),
+                         "hf_qwen_moe": ("layer_types", "rope_parameters", "num_local_experts", "dtype"),
+                         "hf_deepseek": ("output_router_logits", "pretraining_tp", "qk_head_dim", "rope_parameters",
+                                         "num_nextn_predict_layers", "dtype"),
+                         "hf_gpt_oss": ("rope_parameters", "swiglu_alpha", "swiglu_limit", "dtype")}
 
 
 @pytest.mark.parametrize("module", sorted(CLASSES))
