@@ -56,9 +56,12 @@ FIELDS = FieldTable(
         "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
         "num_key_value_heads", "head_dim", "num_local_experts", "num_experts_per_tok", "sliding_window",
         "layer_types", "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters", "tie_word_embeddings",
-        "quantization_config"}),
+        "quantization_config",
+        "experts_per_token"}),            # OpenAI's name for the top-k: must agree with num_experts_per_tok
     inert={**DECODER_INERT, "router_aux_loss_coef": TRAINING_ONLY,
-           "max_position_embeddings": "read only as YaRN's original length when rope_scaling leaves it out"},
+           "max_position_embeddings": "read only as YaRN's original length when rope_scaling leaves it out",
+           "initial_context_length": "OpenAI's pre-YaRN context length; transformers reads YaRN's "
+                                     "original_max_position_embeddings from the rope settings instead"},
     fixed={"hidden_act": ("silu",), "attention_bias": (True, None), "swiglu_limit": (7.0, None),
            "swiglu_alpha": (1.702, None)},
 )
@@ -111,8 +114,11 @@ def config_from_hf(hf: dict, *, ignore_fields=(), weights=None, **overrides) -> 
     pattern = _pattern(hf, layers, window)
     if all(w is None for w in pattern):
         pattern = None
-    e = get("num_local_experts")
-    moe = MoeConfig(num_experts=e, d_model=d, d_ff=get("intermediate_size"), top_k=get("num_experts_per_tok"),
+    e, k = get("num_local_experts"), get("num_experts_per_tok")
+    if hf.get("experts_per_token", k) != k:
+        raise ValueError(f"gpt_oss config.json has experts_per_token={hf['experts_per_token']!r} but "
+                         f"num_experts_per_tok={k!r}; transformers routes to num_experts_per_tok: make them agree")
+    moe = MoeConfig(num_experts=e, d_model=d, d_ff=get("intermediate_size"), top_k=k,
                     weight_norm="topk", router_bias=True, use_bias=True, dropless=True, activation="clamped-swiglu",
                     balance_loss_scope="global")
     cfg = DecoderConfig(
