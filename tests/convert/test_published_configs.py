@@ -15,7 +15,9 @@ from moejax.convert import converter
 from moejax.models.registry import get_config
 
 HERE = pathlib.Path(__file__).parent.parent / "fixtures" / "published_configs"
-ZOO = {"Mixtral-8x7B-v0.1": "mixtral_8x7b", "Qwen1.5-MoE-A2.7B": "qwen1_5_moe_a2_7b", "Qwen3-30B-A3B": "qwen3_30b_a3b",
+ZOO = {"Mixtral-8x7B-v0.1": "mixtral_8x7b", "Mixtral-8x22B-v0.1": "mixtral_8x22b",
+       "DeepSeek-V2-Lite": "deepseek_v2_lite",
+       "Qwen1.5-MoE-A2.7B": "qwen1_5_moe_a2_7b", "Qwen3-30B-A3B": "qwen3_30b_a3b",
        "OLMoE-1B-7B-0924": "olmoe_1b_7b", "DeepSeek-V3": "deepseek_v3", "gpt-oss-20b": "gpt_oss_20b",
        "gpt-oss-120b": "gpt_oss_120b"}
 
