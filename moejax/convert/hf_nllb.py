@@ -1,4 +1,4 @@
-"""Hugging Face NLLB-MoE -> moejax EncoderDecoder weights (safetensors, no pickle).
+"""Hugging Face NLLB-MoE <-> moejax EncoderDecoder weights (safetensors, no pickle).
 
 HF names (transformers 4.x): ``model.shared.weight``; ``model.{encoder,decoder}.layers.{i}.
 self_attn.{q,k,v,out}_proj.{weight,bias}``, ``self_attn_layer_norm``, ``ff_layer_norm``; decoder
@@ -6,13 +6,20 @@ self_attn.{q,k,v,out}_proj.{weight,bias}``, ``self_attn_layer_norm``, ``ff_layer
 ``ffn.router.classifier.weight [E, d]`` and ``ffn.experts.expert_{j}.fc{1,2}.{weight,bias}``;
 ``model.{encoder,decoder}.layer_norm``; tied ``lm_head.weight``. Sinusoidal positions are not
 stored (recomputed). Routing: the whole batch is one group; capacity as :func:`config_from_hf` says.
+Export (:func:`to_hf`) writes the same names, streaming, and refuses a model whose ``config.json``
+would not read back as the same model.
 """
 
 from __future__ import annotations
 
+import numpy as np
+
+from moejax.convert.decoder_io import ExportRow, write_decoder
+from moejax.convert.encdec_io import check_round_trip, head_export
 from moejax.convert.fields import TRAINING_ONLY, FieldTable
 from moejax.convert.load import build_from_hf
 from moejax.convert.mapping import Source, WeightReader, tied_head
+from moejax.convert.safetensors_io import MAX_SHARD_BYTES
 from moejax.models.config import EncDecConfig
 from moejax.models.encdec import EncoderDecoder
 from moejax.moe import MoeConfig
@@ -143,3 +150,76 @@ def from_hf(path: str, **kw) -> tuple[EncoderDecoder, EncDecConfig]:
     """Build an :class:`EncoderDecoder` from a HF NLLB-MoE ``save_pretrained`` directory, streaming
     (see :func:`moejax.convert.load.build_from_hf` for ``mesh``, ``dtype``, ...)."""
     return build_from_hf(path, config_from_hf, hf_to_state, **kw)
+
+
+def hf_config(cfg: EncDecConfig, dtype) -> dict:
+    """The ``config.json`` of :func:`to_hf` (the inverse of :func:`config_from_hf`)."""
+    moe = cfg.moe
+    if moe is None:
+        raise ValueError("HF NLLB-MoE export needs a model with experts (moe=None)")
+    fixed = moe.expert_capacity is not None
+    return {"model_type": "nllb-moe", "architectures": ["NllbMoeForConditionalGeneration"],
+            "vocab_size": cfg.vocab_size, "d_model": cfg.d_model, "encoder_ffn_dim": cfg.d_ff,
+            "decoder_ffn_dim": cfg.d_ff, "encoder_layers": cfg.num_encoder_layers,
+            "decoder_layers": cfg.num_decoder_layers, "encoder_attention_heads": cfg.num_heads,
+            "decoder_attention_heads": cfg.num_heads, "scale_embedding": cfg.embed_scale,
+            "num_experts": moe.num_experts, "expert_capacity": moe.expert_capacity if fixed else 64,
+            "encoder_sparse_step": cfg.period(False), "decoder_sparse_step": cfg.period(True),
+            "router_bias": moe.router_bias, "second_expert_policy": moe.second_expert_policy,
+            "normalize_router_prob_before_dropping": moe.weight_norm == "topk",
+            "batch_prioritized_routing": moe.batch_prioritized,
+            "moe_eval_capacity_token_fraction": 0.0 if fixed else moe.capacity_factor_eval * 2 / moe.num_experts,
+            "moe_token_dropout": moe.eom_rate, "tie_word_embeddings": cfg.tie_embeddings, "pad_token_id": cfg.pad_id,
+            "decoder_start_token_id": cfg.decoder_start_id, "activation_function": "relu", "router_dtype": "float32",
+            "is_encoder_decoder": True, "dtype": np.dtype(dtype).name}
+
+
+def export_plan(cfg: EncDecConfig) -> list[ExportRow]:
+    """``[(HF name, moejax param path, stacked index or None, fn)]``, the inverse of :func:`hf_to_state`."""
+    h, x, d = cfg.num_heads, cfg.head_dim, cfg.d_model
+    ident, tr = (lambda w: w), (lambda w: w.T)
+    # transformers ties the stacks' embed_tokens to shared only with tie_word_embeddings: write all three
+    plan: list[ExportRow] = [(f"model.{k}.weight", "embed/embedding", None, ident)
+                             for k in ("shared", "encoder.embed_tokens", "decoder.embed_tokens")]
+    for which, n, dec in (("encoder", cfg.num_encoder_layers, False), ("decoder", cfg.num_decoder_layers, True)):
+        p = cfg.period(dec)
+        for i in range(n):
+            pre, base, j = f"model.{which}.layers.{i}.", f"{which}/stack/blocks/{i % p}/", i // p
+            rows = []
+            attns = (("self_attn", "self_attn", "self_attn_layer_norm", "self_norm"),)
+            if dec:
+                attns += (("cross_attn", "cross_attention", "cross_attention_layer_norm", "cross_norm"),)
+            for ours, theirs, ln, norm in attns:
+                for proj, hf_proj in (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj")):
+                    rows.append((f"{pre}{theirs}.{hf_proj}.weight", f"{ours}/{proj}", lambda w: w.reshape(d, h * x).T))
+                    rows.append((f"{pre}{theirs}.{hf_proj}.bias", f"{ours}/{proj}_bias", lambda w: w.reshape(h * x)))
+                rows.append((f"{pre}{theirs}.out_proj.weight", f"{ours}/o", lambda w: w.reshape(h * x, d).T))
+                rows.append((f"{pre}{theirs}.out_proj.bias", f"{ours}/o_bias", ident))
+                rows += [(f"{pre}{ln}.weight", f"{norm}/scale", ident), (f"{pre}{ln}.bias", f"{norm}/bias", ident)]
+            if cfg.is_sparse(i, dec):
+                rows.append((pre + "ffn.router.classifier.weight", "ffn/router/kernel", tr))
+                if cfg.moe.router_bias:
+                    rows.append((pre + "ffn.router.classifier.bias", "ffn/router/bias", ident))
+                for key, name, fn in (("wi", "fc1.weight", lambda w, e: w[e].T), ("bi", "fc1.bias", lambda w, e: w[e]),
+                                      ("wo", "fc2.weight", lambda w, e: w[e].T), ("bo", "fc2.bias", lambda w, e: w[e])):
+                    rows += [(f"{pre}ffn.experts.expert_{e}.{name}", f"ffn/experts/{key}",
+                              lambda w, e=e, fn=fn: fn(w, e)) for e in range(cfg.moe.num_experts)]
+            else:
+                rows += [(pre + "ffn.fc1.weight", "ffn/wi", tr), (pre + "ffn.fc1.bias", "ffn/bi", ident),
+                         (pre + "ffn.fc2.weight", "ffn/wo", tr), (pre + "ffn.fc2.bias", "ffn/bo", ident)]
+            rows += [(pre + "ff_layer_norm.weight", "ffn_norm/scale", ident),
+                     (pre + "ff_layer_norm.bias", "ffn_norm/bias", ident)]
+            plan += [(name, base + path, j, fn) for name, path, fn in rows]
+        plan += [(f"model.{which}.layer_norm.weight", f"{which}/final_norm/scale", None, ident),
+                 (f"model.{which}.layer_norm.bias", f"{which}/final_norm/bias", None, ident)]
+    return plan + head_export(cfg, cfg.tie_embeddings)
+
+
+def to_hf(model: EncoderDecoder, path: str, *, dtype=None, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+    """Export an NLLB-MoE :class:`EncoderDecoder` to a HF ``save_pretrained`` directory, streaming
+    (one parameter, one layer of it, on the host at a time); a model whose ``config.json`` would not
+    read back as the same model is refused, naming the fields."""
+    cfg = model.cfg
+    check_round_trip(cfg, config_from_hf(hf_config(cfg, np.float32)), "NLLB-MoE")
+    write_decoder(model, path, export_plan(cfg), lambda dt: hf_config(cfg, dt), dtype=dtype,
+                  max_shard_bytes=max_shard_bytes)

@@ -1,4 +1,4 @@
-"""Hugging Face Switch Transformers and T5 (v1.0 dense, v1.1 gated) -> moejax EncoderDecoder weights.
+"""Hugging Face Switch Transformers and T5 (v1.0 dense, v1.1 gated) <-> moejax EncoderDecoder weights.
 
 HF names (transformers 4.x): ``shared.weight``; ``{encoder,decoder}.block.{i}.layer.0.SelfAttention.
 {q,k,v,o}.weight``; ``encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight [32, h]``;
@@ -7,13 +7,22 @@ HF names (transformers 4.x): ``shared.weight``; ``{encoder,decoder}.block.{i}.la
 {wi | wi_0, wi_1, wo}.weight``) or ``mlp.router.classifier.weight [E, d]`` and
 ``mlp.experts.expert_{j}.{wi,wo}.weight`` (sparse); ``{encoder,decoder}.final_layer_norm.weight``;
 ``lm_head.weight``. HF routes each sequence as its own group with a fixed ``expert_capacity``.
+
+Export (:func:`to_hf`) writes the same names (``t5`` for a dense model, ``switch_transformers``
+with experts), streaming, and refuses a model whose ``config.json`` would not read back as the
+same model (:func:`moejax.convert.encdec_io.check_round_trip`).
 """
 
 from __future__ import annotations
 
+import numpy as np
+
+from moejax.convert.decoder_io import ExportRow, write_decoder
+from moejax.convert.encdec_io import check_round_trip, head_export
 from moejax.convert.fields import TRAINING_ONLY, FieldTable
 from moejax.convert.load import build_from_hf
 from moejax.convert.mapping import Source, WeightReader, tied_head
+from moejax.convert.safetensors_io import MAX_SHARD_BYTES
 from moejax.models.config import EncDecConfig
 from moejax.models.encdec import EncoderDecoder
 from moejax.moe import MoeConfig
@@ -192,3 +201,98 @@ def from_hf(path: str, **kw) -> tuple[EncoderDecoder, EncDecConfig]:
     """Build an :class:`EncoderDecoder` from a HF Switch Transformers or T5 ``save_pretrained``
     directory, streaming (see :func:`moejax.convert.load.build_from_hf` for ``mesh``, ``dtype``, ...)."""
     return build_from_hf(path, config_from_hf, hf_to_state, **kw)
+
+
+#: moejax FFN activation -> T5 / Switch ``feed_forward_proj`` (the inverse of :func:`_activation`)
+_FEED_FORWARD_PROJ = {"relu": "relu", "gelu": "gelu_new", "gelu_exact": "gelu", "silu": "silu",
+                      "gated-gelu": "gated-gelu", "swiglu": "gated-silu"}
+
+
+def hf_config(cfg: EncDecConfig, dtype, expert_capacity: int | None = None) -> dict:
+    """The ``config.json`` of :func:`to_hf`: ``t5`` for a dense model, ``switch_transformers`` with
+    experts (``expert_capacity``: the fixed per-sequence capacity to write; default the model's)."""
+    if cfg.activation not in _FEED_FORWARD_PROJ:
+        raise ValueError(f"HF T5 / Switch export: activation={cfg.activation!r} has no feed_forward_proj; "
+                         f"exportable: {', '.join(_FEED_FORWARD_PROJ)}")
+    moe = cfg.moe
+    tied = cfg.tie_embeddings and cfg.scale_tied_logits       # a tied, unscaled head is written untied
+    hf = {"model_type": "switch_transformers" if moe else "t5",
+          "architectures": ["SwitchTransformersForConditionalGeneration" if moe else "T5ForConditionalGeneration"],
+          "vocab_size": cfg.vocab_size, "d_model": cfg.d_model, "d_kv": cfg.head_dim, "d_ff": cfg.d_ff,
+          "num_layers": cfg.num_encoder_layers, "num_decoder_layers": cfg.num_decoder_layers,
+          "num_heads": cfg.num_heads, "relative_attention_num_buckets": cfg.relpos_buckets,
+          "relative_attention_max_distance": cfg.relpos_max_distance, "layer_norm_epsilon": cfg.norm_eps,
+          "feed_forward_proj": _FEED_FORWARD_PROJ[cfg.activation], "tie_word_embeddings": tied,
+          "scale_decoder_outputs": tied, "pad_token_id": cfg.pad_id, "decoder_start_token_id": cfg.decoder_start_id,
+          "is_encoder_decoder": True, "dtype": np.dtype(dtype).name}
+    if moe is not None:
+        enc, dec = cfg.period(False), cfg.period(True)
+        hf.update(num_experts=moe.num_experts, expert_capacity=expert_capacity or moe.expert_capacity,
+                  num_sparse_encoder_layers=cfg.num_encoder_layers // enc,
+                  num_sparse_decoder_layers=cfg.num_decoder_layers // dec, encoder_sparse_step=enc,
+                  decoder_sparse_step=dec, router_bias=moe.router_bias, router_jitter_noise=moe.jitter_eps,
+                  router_dtype="float32", num_selected_experts=1)
+    return hf
+
+
+def export_plan(cfg: EncDecConfig) -> list[ExportRow]:
+    """``[(HF name, moejax param path, stacked index or None, fn: param (slice) -> HF tensor)]``,
+    the inverse of :func:`hf_to_state`."""
+    h, x, d = cfg.num_heads, cfg.head_dim, cfg.d_model
+    qkv = lambda w: w.reshape(d, h * x).T  # noqa: E731
+    out_proj = lambda w: w.reshape(h * x, d).T  # noqa: E731
+    ident, tr = (lambda w: w), (lambda w: w.T)
+    gated = activation_fn(cfg.activation)[1]
+    plan: list[ExportRow] = [("shared.weight", "embed/embedding", None, ident)]
+    for which, n, dec in (("encoder", cfg.num_encoder_layers, False), ("decoder", cfg.num_decoder_layers, True)):
+        p = cfg.period(dec)
+        plan.append((f"{which}.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+                     f"{which}/relpos/embedding", None, ident))
+        for i in range(n):
+            pre, base, j, ff = f"{which}.block.{i}.layer.", f"{which}/stack/blocks/{i % p}/", i // p, 2 if dec else 1
+            rows = [(pre + f"0.SelfAttention.{k}.weight", f"self_attn/{k}", qkv) for k in "qkv"]
+            rows += [(pre + "0.SelfAttention.o.weight", "self_attn/o", out_proj),
+                     (pre + "0.layer_norm.weight", "self_norm/scale", ident)]
+            if dec:
+                rows += [(pre + f"1.EncDecAttention.{k}.weight", f"cross_attn/{k}", qkv) for k in "qkv"]
+                rows += [(pre + "1.EncDecAttention.o.weight", "cross_attn/o", out_proj),
+                         (pre + "1.layer_norm.weight", "cross_norm/scale", ident)]
+            if cfg.is_sparse(i, dec):
+                rows.append((pre + f"{ff}.mlp.router.classifier.weight", "ffn/router/kernel", tr))
+                if cfg.moe.router_bias:
+                    rows.append((pre + f"{ff}.mlp.router.classifier.bias", "ffn/router/bias", ident))
+                for key in ("wi", "wo"):
+                    rows += [(pre + f"{ff}.mlp.experts.expert_{e}.{key}.weight", f"ffn/experts/{key}",
+                              lambda w, e=e: w[e].T) for e in range(cfg.moe.num_experts)]
+            else:
+                dense = f"{ff}.mlp." if cfg.moe is not None else f"{ff}.DenseReluDense."
+                ins = ("wi_0", "wi_1") if gated else ("wi",)
+                rows += [(pre + dense + k + ".weight", f"ffn/{k}", tr) for k in ins]
+                rows.append((pre + dense + "wo.weight", "ffn/wo", tr))
+            rows.append((pre + f"{ff}.layer_norm.weight", "ffn_norm/scale", ident))
+            plan += [(name, base + path, j, fn) for name, path, fn in rows]
+        plan.append((f"{which}.final_layer_norm.weight", f"{which}/final_norm/scale", None, ident))
+    return plan + head_export(cfg, cfg.tie_embeddings and cfg.scale_tied_logits)
+
+
+def to_hf(model: EncoderDecoder, path: str, *, dtype=None, max_shard_bytes: int = MAX_SHARD_BYTES,
+          expert_capacity: int | None = None) -> None:
+    """Export a T5 / Switch :class:`EncoderDecoder` to a HF ``save_pretrained`` directory (``t5``
+    when dense, ``switch_transformers`` with experts), streaming as the decoder exporters do.
+
+    transformers routes each sequence as its own group with a fixed ``expert_capacity``; a model
+    converted from HF has one. A model that routes otherwise (moejax's capacity factor over token
+    groups, T5X's way) is exported only with ``expert_capacity=N`` given: the HF model then routes
+    the transformers way (N >= the sequence length drops nothing). Anything else the written
+    ``config.json`` would not read back as this model is refused by name."""
+    cfg = model.cfg
+    relaxed = ("expert_capacity", "sequence_groups", "capacity_factor_train", "capacity_factor_eval",
+               "min_capacity", "max_group_size", "capacity_buckets") if expert_capacity else ()
+    if cfg.moe is not None and cfg.moe.expert_capacity is None and not expert_capacity:
+        raise ValueError("HF Switch routes each sequence with a fixed expert_capacity; this model routes with "
+                         f"capacity factors {cfg.moe.capacity_factor_train} / {cfg.moe.capacity_factor_eval} over "
+                         f"groups of {cfg.moe.max_group_size} tokens: pass expert_capacity=N (CLI: --expert_capacity;"
+                         " N >= the sequence length drops nothing)")
+    hf = lambda dt: hf_config(cfg, dt, expert_capacity)  # noqa: E731
+    check_round_trip(cfg, config_from_hf(hf(np.float32)), "T5 / Switch", relaxed)
+    write_decoder(model, path, export_plan(cfg), hf, dtype=dtype, max_shard_bytes=max_shard_bytes)
