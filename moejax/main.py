@@ -138,6 +138,25 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from moejax import checkpoint
+    from moejax.convert import to_hf
+
+    if args.dtype and args.dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"--dtype {args.dtype!r}: expected float32, bfloat16 or float16")
+    if args.max_shard_gb <= 0:
+        raise ValueError(f"--max_shard_gb must be > 0, got {args.max_shard_gb}")
+    if os.path.exists(os.path.join(args.out, "config.json")):
+        raise ValueError(f"--out {args.out!r} already holds a config.json; choose an empty directory")
+    model = checkpoint.load(args.checkpoint, step=args.step)
+    options = {"expert_capacity": args.expert_capacity} if args.expert_capacity is not None else {}
+    model_type = to_hf(model, args.out, dtype=args.dtype or None, max_shard_bytes=int(args.max_shard_gb * 2**30),
+                       **options)
+    print(f"exported {args.checkpoint}{f' (step {args.step})' if args.step is not None else ''} -> {args.out} "
+          f"(Hugging Face model_type {model_type!r})")
+    return 0
+
+
 def _calibration(model, task: str, n: int, lengths: dict):
     import moejax.tasks  # noqa: F401  (registers the shipped tasks)
     from moejax.data import batches
@@ -390,6 +409,16 @@ def main(argv=None) -> int:
     pc.add_argument("--ignore_hf_fields", default="",
                     help="comma-separated config.json fields to accept although moejax does not know them")
     pc.set_defaults(fn=cmd_convert)
+    px = sub.add_parser("export", help="moejax checkpoint -> Hugging Face save_pretrained dir (safetensors)")
+    px.add_argument("--checkpoint", required=True, help="trainer MODEL_DIR or moejax checkpoint")
+    px.add_argument("--out", required=True)
+    px.add_argument("--step", type=int, default=None, help="a trainer checkpoint's step (default: the latest)")
+    px.add_argument("--dtype", default="", help="tensor dtype (default: the parameters', e.g. bfloat16)")
+    px.add_argument("--max_shard_gb", type=float, default=5.0, help="safetensors shard size (GiB)")
+    px.add_argument("--expert_capacity", type=int, default=None,
+                    help="Switch: the fixed per-sequence expert capacity HF routes with (a model trained with "
+                         "capacity factors has none)")
+    px.set_defaults(fn=cmd_export)
     pm = sub.add_parser("merge", help="merge each MoE layer's experts into fewer (1 = dense)")
     pm.add_argument("--checkpoint", required=True, help="trainer MODEL_DIR or moejax checkpoint")
     pm.add_argument("--num_experts", type=int, required=True)

@@ -42,6 +42,7 @@ from moejax.convert.decoder_io import (
     read_model_level,
     write_decoder,
 )
+from moejax.convert.export_check import check_round_trip
 from moejax.convert.fields import DECODER_INERT, TRAINING_ONLY, FieldTable, rope_parameters, yarn
 from moejax.convert.fp8 import block_size
 from moejax.convert.load import build_from_hf
@@ -342,6 +343,12 @@ def hf_config(cfg: DecoderConfig, dtype) -> dict:
         **({} if y.truncate else {"truncate": False}),
         **({} if y.attention_factor is None else {"attention_factor": y.attention_factor})}
     return hf
+
+
+def check_export(cfg: DecoderConfig) -> None:
+    """ValueError (naming the fields) unless this family's config.json represents ``cfg``."""
+    hf_family(cfg)
+    check_round_trip(cfg, config_from_hf(hf_config(cfg, np.float32)), "DeepSeek")
 
 
 def to_hf(model: Decoder, path: str, *, dtype=None, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:

@@ -34,6 +34,7 @@ from moejax.convert.decoder_io import (
     read_model_level,
     write_decoder,
 )
+from moejax.convert.export_check import check_round_trip
 from moejax.convert.fields import DECODER_INERT, TRAINING_ONLY, FieldTable, rope_parameters, yarn
 from moejax.convert.load import build_from_hf
 from moejax.convert.mapping import Leaf, Source, WeightReader, tied_head
@@ -248,6 +249,12 @@ def hf_config(cfg: DecoderConfig, dtype) -> dict:
         **({"mscale_all_dim": y.mscale_all_dim} if y.mscale_all_dim else {}),
         **({} if y.attention_factor is None else {"attention_factor": y.attention_factor})}
     return hf
+
+
+def check_export(cfg: DecoderConfig) -> None:
+    """ValueError (naming the fields) unless this family's config.json represents ``cfg``."""
+    hf_family(cfg)
+    check_round_trip(cfg, config_from_hf(hf_config(cfg, np.float32)), "gpt-oss")
 
 
 def to_hf(model: Decoder, path: str, *, dtype=None, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:

@@ -20,6 +20,7 @@ from moejax.convert.decoder_io import (
     read_model_level,
     write_decoder,
 )
+from moejax.convert.export_check import check_round_trip
 from moejax.convert.fields import DECODER_INERT, FieldTable, rope_theta
 from moejax.convert.load import build_from_hf
 from moejax.convert.mapping import Source, WeightReader, tied_head
@@ -163,7 +164,8 @@ def hf_config(cfg: DecoderConfig, dtype) -> dict:
     return hf
 
 
-def _check_exportable(cfg: DecoderConfig) -> None:
+def check_export(cfg: DecoderConfig) -> None:
+    """ValueError (naming the fields) unless a Mixtral / Mistral / Llama config.json represents ``cfg``."""
     if cfg.period != 1:
         raise ValueError(f"HF export needs every layer alike (Mixtral / Llama); got moe_every={cfg.moe_every}")
     if (cfg.moe_extra_mlp or cfg.attn_scale is not None or cfg.activation != "swiglu" or cfg.attention_bias != "none"
@@ -178,6 +180,7 @@ def _check_exportable(cfg: DecoderConfig) -> None:
                             or moe.num_shared_experts or moe.router_bias or moe.use_bias):
         raise ValueError("HF export writes Mixtral's MoE (dropless softmax top-k renormalised, SwiGLU experts); "
                          f"this model's MoE differs: {moe}")
+    check_round_trip(cfg, config_from_hf(hf_config(cfg, "float32")), "Mixtral / Mistral / Llama")
 
 
 def to_hf(model: Decoder, path: str, *, dtype=None, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
@@ -186,6 +189,6 @@ def to_hf(model: Decoder, path: str, *, dtype=None, max_shard_bytes: int = MAX_S
     shards (with ``model.safetensors.index.json`` above ``max_shard_bytes``). ``dtype``: the
     tensors' dtype (default: the parameters')."""
     cfg = model.cfg
-    _check_exportable(cfg)
+    check_export(cfg)
     write_decoder(model, path, export_plan(cfg), lambda dt: hf_config(cfg, dt), dtype=dtype,
                   max_shard_bytes=max_shard_bytes)

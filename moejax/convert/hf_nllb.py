@@ -15,7 +15,8 @@ from __future__ import annotations
 import numpy as np
 
 from moejax.convert.decoder_io import ExportRow, write_decoder
-from moejax.convert.encdec_io import check_round_trip, head_export
+from moejax.convert.encdec_io import head_export
+from moejax.convert.export_check import check_round_trip
 from moejax.convert.fields import TRAINING_ONLY, FieldTable
 from moejax.convert.load import build_from_hf
 from moejax.convert.mapping import Source, WeightReader, tied_head
@@ -220,6 +221,14 @@ def to_hf(model: EncoderDecoder, path: str, *, dtype=None, max_shard_bytes: int 
     (one parameter, one layer of it, on the host at a time); a model whose ``config.json`` would not
     read back as the same model is refused, naming the fields."""
     cfg = model.cfg
-    check_round_trip(cfg, config_from_hf(hf_config(cfg, np.float32)), "NLLB-MoE")
+    check_export(cfg)
     write_decoder(model, path, export_plan(cfg), lambda dt: hf_config(cfg, dt), dtype=dtype,
                   max_shard_bytes=max_shard_bytes)
+
+
+def check_export(cfg: EncDecConfig) -> None:
+    """ValueError (naming the fields) unless the NLLB-MoE ``config.json`` of :func:`to_hf` reads
+    back as ``cfg``."""
+    if not isinstance(cfg, EncDecConfig):
+        raise ValueError(f"HF NLLB-MoE export needs an encoder-decoder; got {type(cfg).__name__}")
+    check_round_trip(cfg, config_from_hf(hf_config(cfg, np.float32)), "NLLB-MoE")

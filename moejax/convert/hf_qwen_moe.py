@@ -31,6 +31,7 @@ from moejax.convert.decoder_io import (
     read_model_level,
     write_decoder,
 )
+from moejax.convert.export_check import check_round_trip
 from moejax.convert.fields import DECODER_INERT, FieldTable, rope_theta
 from moejax.convert.load import build_from_hf
 from moejax.convert.mapping import Source, WeightReader, tied_head
@@ -247,6 +248,12 @@ def hf_config(cfg: DecoderConfig, dtype) -> dict:
     if family == "qwen3_moe":
         hf["attention_bias"] = cfg.attention_bias == "all"
     return hf
+
+
+def check_export(cfg: DecoderConfig) -> None:
+    """ValueError (naming the fields) unless this family's config.json represents ``cfg``."""
+    hf_family(cfg)
+    check_round_trip(cfg, config_from_hf(hf_config(cfg, "float32")), "Qwen-MoE / OLMoE")
 
 
 def to_hf(model: Decoder, path: str, *, dtype=None, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:

@@ -10,7 +10,7 @@ HF names (transformers 4.x): ``shared.weight``; ``{encoder,decoder}.block.{i}.la
 
 Export (:func:`to_hf`) writes the same names (``t5`` for a dense model, ``switch_transformers``
 with experts), streaming, and refuses a model whose ``config.json`` would not read back as the
-same model (:func:`moejax.convert.encdec_io.check_round_trip`).
+same model (:func:`moejax.convert.export_check.check_round_trip`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from __future__ import annotations
 import numpy as np
 
 from moejax.convert.decoder_io import ExportRow, write_decoder
-from moejax.convert.encdec_io import check_round_trip, head_export
+from moejax.convert.encdec_io import head_export
+from moejax.convert.export_check import check_round_trip
 from moejax.convert.fields import TRAINING_ONLY, FieldTable
 from moejax.convert.load import build_from_hf
 from moejax.convert.mapping import Source, WeightReader, tied_head
@@ -286,6 +287,18 @@ def to_hf(model: EncoderDecoder, path: str, *, dtype=None, max_shard_bytes: int 
     the transformers way (N >= the sequence length drops nothing). Anything else the written
     ``config.json`` would not read back as this model is refused by name."""
     cfg = model.cfg
+    check_export(cfg, expert_capacity)
+    write_decoder(model, path, export_plan(cfg), lambda dt: hf_config(cfg, dt, expert_capacity), dtype=dtype,
+                  max_shard_bytes=max_shard_bytes)
+
+
+def check_export(cfg: EncDecConfig, expert_capacity: int | None = None) -> None:
+    """ValueError (naming the fields) unless the T5 / Switch ``config.json`` of :func:`to_hf`
+    reads back as ``cfg`` (with ``expert_capacity``: beyond the routing capacity)."""
+    if not isinstance(cfg, EncDecConfig):
+        raise ValueError(f"HF T5 / Switch export needs an encoder-decoder; got {type(cfg).__name__}")
+    if expert_capacity is not None and (cfg.moe is None or expert_capacity < 1):
+        raise ValueError(f"expert_capacity={expert_capacity!r}: needs a model with experts and a capacity >= 1")
     relaxed = ("expert_capacity", "sequence_groups", "capacity_factor_train", "capacity_factor_eval",
                "min_capacity", "max_group_size", "capacity_buckets") if expert_capacity else ()
     if cfg.moe is not None and cfg.moe.expert_capacity is None and not expert_capacity:
@@ -293,6 +306,4 @@ def to_hf(model: EncoderDecoder, path: str, *, dtype=None, max_shard_bytes: int 
                          f"capacity factors {cfg.moe.capacity_factor_train} / {cfg.moe.capacity_factor_eval} over "
                          f"groups of {cfg.moe.max_group_size} tokens: pass expert_capacity=N (CLI: --expert_capacity;"
                          " N >= the sequence length drops nothing)")
-    hf = lambda dt: hf_config(cfg, dt, expert_capacity)  # noqa: E731
-    check_round_trip(cfg, config_from_hf(hf(np.float32)), "T5 / Switch", relaxed)
-    write_decoder(model, path, export_plan(cfg), hf, dtype=dtype, max_shard_bytes=max_shard_bytes)
+    check_round_trip(cfg, config_from_hf(hf_config(cfg, np.float32, expert_capacity)), "T5 / Switch", relaxed)
