@@ -104,8 +104,8 @@ class Yarn:
             raise ValueError(f"YaRN factor must be >= 1, got {self.factor}")
         if self.original_max_position < 1:
             raise ValueError(f"YaRN original_max_position must be >= 1, got {self.original_max_position}")
-        if not self.beta_fast > self.beta_slow > 0:
-            raise ValueError(f"YaRN needs beta_fast > beta_slow > 0, got {self.beta_fast}, {self.beta_slow}")
+        if not self.beta_fast >= self.beta_slow > 0:     # equal betas (Kimi-K2): the ramp spans one dim
+            raise ValueError(f"YaRN needs beta_fast >= beta_slow > 0, got {self.beta_fast}, {self.beta_slow}")
         return self
 
     @staticmethod

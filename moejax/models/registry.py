@@ -65,8 +65,9 @@ def _deepseek(d, layers, heads, experts, k, moe_ff, dense_ff, shared, *, q_rank,
                     group_score="top2_sum" if v3 else "max", weight_norm="topk" if v3 else "none")
     rope_scaling, attn_scale = None, None
     if yarn is not None:
-        factor, mscale, mscale_all = yarn
-        rope_scaling = Yarn(factor=factor, original_max_position=4096, mscale=mscale, mscale_all_dim=mscale_all)
+        factor, mscale, mscale_all, *beta_fast = yarn            # (factor, mscale, mscale_all_dim[, beta_fast])
+        rope_scaling = Yarn(factor=factor, original_max_position=4096, mscale=mscale, mscale_all_dim=mscale_all,
+                            beta_fast=beta_fast[0] if beta_fast else 32.0)
         attn_scale = (nope + rope) ** -0.5 * Yarn.get_mscale(factor, mscale_all) ** 2
     return DecoderConfig(vocab_size=vocab, d_model=d, num_layers=layers, num_heads=heads, num_kv_heads=heads,
                          head_dim=rope, d_ff=dense_ff, norm_eps=eps, rope_theta=theta, attention="mla",
@@ -168,9 +169,9 @@ REGISTRY: dict[str, Callable[[], DecoderConfig | EncDecConfig]] = {
     # Kimi-K2 (Base / Instruct: 128K context, YaRN x32; Instruct-0905: 256K, YaRN x64): V3's layout
     # with 384 experts, 64 heads, one dense layer, no expert groups, theta 5e4, a 163840-token vocab
     "kimi_k2": lambda: _deepseek(7168, 61, 64, 384, 8, 2048, 18432, 1, q_rank=1536, first_dense=1, v3=True,
-                                 scale=2.827, vocab=163840, yarn=(32.0, 1.0, 1.0), theta=50000.0),
+                                 scale=2.827, vocab=163840, yarn=(32.0, 1.0, 1.0, 1.0), theta=50000.0),
     "kimi_k2_0905": lambda: _deepseek(7168, 61, 64, 384, 8, 2048, 18432, 1, q_rank=1536, first_dense=1, v3=True,
-                                      scale=2.827, vocab=163840, yarn=(64.0, 1.0, 1.0), theta=50000.0),
+                                      scale=2.827, vocab=163840, yarn=(64.0, 1.0, 1.0, 1.0), theta=50000.0),
     # gpt-oss-20b (20.915B / 4.187B active with embedding and head; the model card's 3.6B leaves out the
     # input embedding) and gpt-oss-120b (116.829B / 5.712B; card 5.1B)
     "gpt_oss_20b": lambda: _gpt_oss(24, 32),

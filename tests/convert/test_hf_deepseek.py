@@ -60,6 +60,7 @@ CASES = {
                                          routed_scaling_factor=3.0),
     "v3": lambda: v3(),
     "v3_yarn_tied": lambda: v3(rope_scaling=YARN, tie_word_embeddings=True),
+    "v3_yarn_equal_betas": lambda: v3(rope_scaling={**YARN, "beta_fast": 1.0, "beta_slow": 1.0}),   # Kimi-K2's
     "v3_not_interleaved": lambda: v3(rope_interleave=False, first_k_dense_replace=2),
 }
 

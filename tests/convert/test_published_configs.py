@@ -2,8 +2,9 @@
 and values as released) convert to exactly the zoo's named config of that model: every field a
 converter reads lands where the registry puts it, and fields only the original authors' code knows
 (gpt-oss's ``experts_per_token`` / ``initial_context_length``, DeepSeek's ``auto_map`` / ``ep_size``,
-FP8 ``quantization_config``) are understood, not refused. ``gpt-oss-20b.json`` is the 120b file at
-the 20b's depth and expert count (24 layers, 32 experts): the two released files differ only there."""
+FP8 ``quantization_config``, Kimi-K2's YaRN with equal betas) are understood, not refused.
+``gpt-oss-20b.json`` is the 120b file at the 20b's depth and expert count (24 layers, 32 experts):
+the two released files differ only there."""
 
 import dataclasses
 import json
@@ -16,7 +17,7 @@ from moejax.models.registry import get_config
 
 HERE = pathlib.Path(__file__).parent.parent / "fixtures" / "published_configs"
 ZOO = {"Mixtral-8x7B-v0.1": "mixtral_8x7b", "Mixtral-8x22B-v0.1": "mixtral_8x22b",
-       "DeepSeek-V2-Lite": "deepseek_v2_lite",
+       "DeepSeek-V2-Lite": "deepseek_v2_lite", "Kimi-K2-Instruct": "kimi_k2",
        "Qwen1.5-MoE-A2.7B": "qwen1_5_moe_a2_7b", "Qwen3-30B-A3B": "qwen3_30b_a3b",
        "OLMoE-1B-7B-0924": "olmoe_1b_7b", "DeepSeek-V3": "deepseek_v3", "gpt-oss-20b": "gpt_oss_20b",
        "gpt-oss-120b": "gpt_oss_120b"}
