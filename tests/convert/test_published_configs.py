@@ -18,7 +18,8 @@ from moejax.models.registry import get_config
 HERE = pathlib.Path(__file__).parent.parent / "fixtures" / "published_configs"
 ZOO = {"Mixtral-8x7B-v0.1": "mixtral_8x7b", "Mixtral-8x22B-v0.1": "mixtral_8x22b",
        "DeepSeek-V2-Lite": "deepseek_v2_lite", "Kimi-K2-Instruct": "kimi_k2",
-       "Qwen1.5-MoE-A2.7B": "qwen1_5_moe_a2_7b", "Qwen3-30B-A3B": "qwen3_30b_a3b",
+       "Qwen1.5-MoE-A2.7B": "qwen1_5_moe_a2_7b", "Qwen2-57B-A14B": "qwen2_57b_a14b",
+       "Llama-2-7b-hf": "llama2_7b", "Qwen3-30B-A3B": "qwen3_30b_a3b",
        "OLMoE-1B-7B-0924": "olmoe_1b_7b", "DeepSeek-V3": "deepseek_v3", "gpt-oss-20b": "gpt_oss_20b",
        "gpt-oss-120b": "gpt_oss_120b"}
 
