@@ -39,27 +39,24 @@ def test_convert_then_export_round_trips_through_the_cli(tmp_path, capsys):
     assert (tmp_path / "out" / "config.json").read_text() == before
 
 
-def test_a_merged_model_is_refused_by_name(tmp_path, capsys):
+@pytest.mark.parametrize("step,args,message", [
+    ("merge", ["--num_experts", "2"], "moe.expert_map=(0, 0, 1, 1) (HF would give None)"),
+    ("quantize", ["--bits", "8"], "8-bit quantized experts"),
+], ids=["merged", "quantized"])
+def test_merged_or_quantized_models_are_refused_by_name(tmp_path, capsys, step, args, message):
     """Merged to two experts a Mixtral keeps its router over the original four experts, mapped onto
-    two (an expert map): no HF family holds that, so export names the field instead of writing a
-    router of the wrong shape."""
+    two (an expert map); quantized experts are int8 codes and scales: no HF family holds either, so
+    export names why instead of writing a router or experts of the wrong shape."""
     src = str(tmp_path / "src")
     save(build_model(get_config("tiny_mixtral"), nnx.Rngs(0)), src)
-    assert main(["merge", "--checkpoint", src, "--num_experts", "2", "--out", str(tmp_path / "m2")]) == 0
+    assert main([step, "--checkpoint", src, *args, "--out", str(tmp_path / "m")]) == 0
     capsys.readouterr()
-    assert main(["export", "--checkpoint", str(tmp_path / "m2"), "--out", str(tmp_path / "out")]) == 2
-    assert "moe.expert_map=(0, 0, 1, 1) (HF would give None)" in capsys.readouterr().err
+    assert main(["export", "--checkpoint", str(tmp_path / "m"), "--out", str(tmp_path / "out")]) == 2
+    assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
-def test_what_no_family_represents_is_refused(tmp_path, capsys):
-    src = str(tmp_path / "src")
-    save(build_model(get_config("tiny_mixtral"), nnx.Rngs(0)), src)
-    assert main(["quantize", "--checkpoint", src, "--bits", "8", "--out", str(tmp_path / "q")]) == 0
-    capsys.readouterr()
-    assert main(["export", "--checkpoint", str(tmp_path / "q"), "--out", str(tmp_path / "out")]) == 2
-    assert "8-bit quantized experts" in capsys.readouterr().err
-    assert not (tmp_path / "out").exists()
+def test_what_no_family_represents_is_refused():
     with pytest.raises(ValueError, match="no Hugging Face family represents this DecoderConfig: hf_mixtral: "):
         exporter(get_config("tiny_openmoe"))
     with pytest.raises(ValueError, match="hf_mixtral: takes no expert_capacity"):
