@@ -32,14 +32,15 @@ from flax import nnx
 from moejax.distributed import barrier, is_primary
 from moejax.models.build import build_model
 from moejax.models.config import RUNTIME_FIELDS, DecoderConfig, EncDecConfig, ModelConfig, config_diff
-from moejax.models.layers import Yarn
+from moejax.models.layers import Llama3Rope, Yarn
 from moejax.moe import MoeConfig
 from moejax.sharding import DEFAULT_RULES, Rules, state_shardings
 from moejax.tree import flatten, path_str, unflatten
 
 CONFIG_FILE = "model_config.json"
 LEGACY_CONFIG_FILE = "config.json"          # pre-unification `moejax convert` / merge / quantize output
-_CLASSES = {"DecoderConfig": DecoderConfig, "EncDecConfig": EncDecConfig, "MoeConfig": MoeConfig, "Yarn": Yarn}
+_CLASSES = {"DecoderConfig": DecoderConfig, "EncDecConfig": EncDecConfig, "MoeConfig": MoeConfig, "Yarn": Yarn,
+            "Llama3Rope": Llama3Rope}
 
 
 # ----------------------------------------------------------------------------- the config record

@@ -154,3 +154,23 @@ def yarn(params: Mapping, hf: Mapping, family: str):
                 beta_fast=float(params.get("beta_fast") or 32), beta_slow=float(params.get("beta_slow") or 1),
                 mscale=float(params.get("mscale") or 0.0), mscale_all_dim=float(params.get("mscale_all_dim") or 0.0),
                 truncate=bool(params.get("truncate", True)), attention_factor=params.get("attention_factor")).validate()
+
+
+_LLAMA3_KEYS = {"rope_type", "type", "rope_theta", "factor", "low_freq_factor", "high_freq_factor",
+                "original_max_position_embeddings"}
+
+
+def llama3(params: Mapping, family: str):
+    """A :class:`moejax.models.layers.Llama3Rope` from a ``rope_type: llama3`` dict (transformers'
+    ``_compute_llama3_parameters``: every field required); an unknown field is refused."""
+    from moejax.models.layers import Llama3Rope
+
+    extra = sorted(set(params) - _LLAMA3_KEYS)
+    missing = sorted({"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
+                     - set(params))
+    if extra or missing:
+        raise ValueError(f"{family} config.json has llama3 rope scaling with "
+                         + (f"fields moejax does not implement: {extra}" if extra else f"missing fields: {missing}"))
+    return Llama3Rope(factor=float(params["factor"]), low_freq_factor=float(params["low_freq_factor"]),
+                      high_freq_factor=float(params["high_freq_factor"]),
+                      original_max_position=int(params["original_max_position_embeddings"])).validate()

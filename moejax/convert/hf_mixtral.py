@@ -21,11 +21,12 @@ from moejax.convert.decoder_io import (
     write_decoder,
 )
 from moejax.convert.export_check import check_round_trip
-from moejax.convert.fields import DECODER_INERT, FieldTable, rope_theta
+from moejax.convert.fields import DECODER_INERT, FieldTable, llama3, rope_parameters
 from moejax.convert.load import build_from_hf
 from moejax.convert.mapping import Source, WeightReader, tied_head
 from moejax.convert.safetensors_io import MAX_SHARD_BYTES
 from moejax.models import Decoder, DecoderConfig
+from moejax.models.layers import Llama3Rope
 from moejax.moe import MoeConfig
 
 SUPPORTED = ("mixtral", "mistral", "llama")
@@ -75,6 +76,7 @@ def config_from_hf(hf: dict, *, ignore_fields=(), weights=None, **overrides) -> 
     window = get("sliding_window")
     if window is not None and window < 1:
         raise ValueError(f"{model_type} config.json has sliding_window={window}; expected a window >= 1 or null")
+    theta, scaling = rope_parameters(hf, dflt["rope_theta"], model_type, allow=("llama3",))
     moe = None
     if model_type == "mixtral":
         moe = MoeConfig(num_experts=get("num_local_experts"), d_model=d, d_ff=hf["intermediate_size"],
@@ -84,7 +86,8 @@ def config_from_hf(hf: dict, *, ignore_fields=(), weights=None, **overrides) -> 
         vocab_size=hf["vocab_size"], d_model=d, num_layers=hf["num_hidden_layers"], num_heads=heads,
         num_kv_heads=get("num_key_value_heads") or heads, head_dim=head_dim, d_ff=hf["intermediate_size"],
         activation="swiglu", norm_eps=float(get("rms_norm_eps")),
-        rope_theta=rope_theta(hf, dflt["rope_theta"], model_type), sliding_window=window,
+        rope_theta=theta, rope_scaling=None if scaling is None else llama3(scaling, model_type),
+        sliding_window=window,
         tie_embeddings=tied_head(bool(hf.get("tie_word_embeddings", False)), weights, "lm_head.weight",
                                  "model.embed_tokens.weight"), moe=moe, moe_every=1,
     )
@@ -161,6 +164,11 @@ def hf_config(cfg: DecoderConfig, dtype) -> dict:
     if moe is not None:
         hf.update(num_local_experts=moe.num_experts, num_experts_per_tok=moe.top_k,
                   router_jitter_noise=moe.jitter_eps, output_router_logits=False)
+    r = cfg.rope_scaling
+    if isinstance(r, Llama3Rope):
+        hf["rope_scaling"] = {"rope_type": "llama3", "factor": r.factor, "low_freq_factor": r.low_freq_factor,
+                              "high_freq_factor": r.high_freq_factor,
+                              "original_max_position_embeddings": r.original_max_position}
     return hf
 
 

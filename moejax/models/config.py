@@ -10,7 +10,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from moejax.models.attend import check_impl
-from moejax.models.layers import Yarn, check_qk_norm
+from moejax.models.layers import Llama3Rope, Yarn, check_qk_norm
 from moejax.models.remat import check_remat
 from moejax.moe import MoeConfig
 
@@ -36,10 +36,10 @@ class DecoderConfig:
     ``attention='mla'``: DeepSeek's multi-head latent attention (:class:`moejax.models.mla.
     MLAttention`) with ``q_lora_rank`` (None: a plain query projection), ``kv_lora_rank``,
     ``qk_nope_head_dim``, ``qk_rope_head_dim``, ``v_head_dim`` (``head_dim``, ``num_kv_heads``
-    unused); its KV cache holds the latent. ``rope_scaling``: a :class:`~moejax.models.layers.Yarn`
-    or None. ``first_dense_layers``: the first k blocks are dense (DeepSeek's
-    ``first_k_dense_replace``), scanned as their own stack before the periodic one; block ``i >= k``
-    is sparse when ``(i - k + 1) % moe_every == 0``. ``window_pattern``: per-layer sliding windows
+    unused); its KV cache holds the latent. ``rope_scaling``: a :class:`~moejax.models.layers.Yarn`,
+    a :class:`~moejax.models.layers.Llama3Rope` or None. ``first_dense_layers``: the first k blocks
+    are dense (DeepSeek's ``first_k_dense_replace``), scanned as their own stack before the periodic
+    one; block ``i >= k`` is sparse when ``(i - k + 1) % moe_every == 0``. ``window_pattern``: per-layer sliding windows
     repeating over the layers (gpt-oss: ``(128, None)``, even layers a 128-token window, odd ones
     full; the scanned period becomes ``lcm(moe_every, len(pattern))``; each windowed layer's KV
     cache is a ring of its window), instead of one ``sliding_window`` for all. ``attention_sinks``:
@@ -68,7 +68,7 @@ class DecoderConfig:
     qk_nope_head_dim: int = 0
     qk_rope_head_dim: int = 0
     v_head_dim: int = 0
-    rope_scaling: Yarn | None = None
+    rope_scaling: Yarn | Llama3Rope | None = None
     window_pattern: tuple | None = None
     attention_sinks: bool = False
     first_dense_layers: int = 0

@@ -136,10 +136,50 @@ class Yarn:
         return ((1.0 / (self.factor * pos)) * (1 - extra) + (1.0 / pos) * extra).astype(np.float32)
 
 
+@dataclasses.dataclass(frozen=True)
+class Llama3Rope:
+    """Llama 3.1's RoPE scaling as transformers computes it (``rope_type: llama3``): wavelengths
+    longer than ``original_max_position / low_freq_factor`` are divided by ``factor``, those
+    shorter than ``original_max_position / high_freq_factor`` kept, and the band between blended
+    linearly in ``original_max_position / wavelength``; cos and sin are not rescaled."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position: int
+
+    def validate(self) -> Llama3Rope:
+        if not self.factor >= 1.0:
+            raise ValueError(f"llama3 RoPE factor must be >= 1, got {self.factor}")
+        if not self.high_freq_factor > self.low_freq_factor > 0:
+            raise ValueError(f"llama3 RoPE needs high_freq_factor > low_freq_factor > 0, got "
+                             f"{self.high_freq_factor}, {self.low_freq_factor}")
+        if self.original_max_position < 1:
+            raise ValueError(f"llama3 RoPE original_max_position must be >= 1, got {self.original_max_position}")
+        return self
+
+    def cos_sin_factor(self) -> float:
+        return 1.0
+
+    def inv_freq(self, dim: int, theta: float) -> np.ndarray:
+        """``[dim / 2]`` float32 inverse frequencies."""
+        inv = (1.0 / (np.float32(theta) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))))
+        inv = inv.astype(np.float32)
+        wavelen = np.float32(2 * math.pi) / inv
+        low_wavelen = self.original_max_position / self.low_freq_factor
+        high_wavelen = self.original_max_position / self.high_freq_factor
+        scaled = np.where(wavelen > low_wavelen, inv / np.float32(self.factor), inv)
+        smooth = (self.original_max_position / wavelen - self.low_freq_factor) / (
+            self.high_freq_factor - self.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / np.float32(self.factor) + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
 def rope_tables(positions: jax.Array, head_dim: int, theta: float,
-                scaling: Yarn | None = None) -> tuple[jax.Array, jax.Array]:
-    """cos, sin ``[b, s, x]`` for rotate-half RoPE (the HF Llama / Mixtral layout); with YaRN
-    ``scaling``, its frequencies and cos/sin factor."""
+                scaling: Yarn | Llama3Rope | None = None) -> tuple[jax.Array, jax.Array]:
+    """cos, sin ``[b, s, x]`` for rotate-half RoPE (the HF Llama / Mixtral layout); with a
+    ``scaling`` (YaRN, llama3), its frequencies and cos/sin factor."""
     if scaling is None:
         inv_freq, factor = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)), 1.0
     else:

@@ -122,8 +122,36 @@ def test_unsupported_config_features_are_refused():
 
     base = dict(model_type="llama", hidden_size=32, num_attention_heads=4, num_hidden_layers=1, vocab_size=8,
                 intermediate_size=16)
-    with pytest.raises(ValueError, match="rope_scaling"):
+    with pytest.raises(ValueError, match=r"llama3 rope scaling with missing fields: \['high_freq_factor'"):
         config_from_hf({**base, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}})
+    with pytest.raises(ValueError, match="rope_type 'default', 'llama3'"):
+        config_from_hf({**base, "rope_scaling": {"rope_type": "linear", "factor": 2.0}})
     with pytest.raises(ValueError, match="attention_bias"):
         config_from_hf({**base, "attention_bias": True})
     assert config_from_hf({**base, "rope_scaling": None}).num_kv_heads == 4
+
+
+def test_llama3_rope_scaling_matches_transformers(tmp_path):
+    """Llama 3.1's ``rope_type: llama3`` (40 tokens past an original length of 64 / 4: every band of
+    the blend is used): logits equal transformers' (and differ from plain RoPE's), the moejax
+    checkpoint keeps the scaling, and the export is read back by transformers as the same model."""
+    from moejax.checkpoint import load, save
+    from moejax.convert import to_hf as export
+
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64}
+    hf = tiny_llama(hidden_size=64, num_attention_heads=2, rope_theta=5e5, max_position_embeddings=256,
+                    rope_scaling=rope)
+    ids = np.random.default_rng(2).integers(0, 96, (2, 40))
+    plain = tiny_llama(hidden_size=64, num_attention_heads=2, rope_theta=5e5, max_position_embeddings=256)
+    plain.load_state_dict(hf.state_dict())
+    assert np.abs(hf_logits(plain, ids) - hf_logits(hf, ids)).max() > 1e-3       # the scaling matters here
+    hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    model, cfg = from_hf(str(tmp_path / "hf"))
+    assert cfg.rope_scaling.factor == 8.0 and cfg.rope_theta == 5e5
+    np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids))[0]), hf_logits(hf, ids), atol=1e-4, rtol=1e-4)
+    save(model, str(tmp_path / "ckpt"))
+    assert load(str(tmp_path / "ckpt")).cfg.rope_scaling == cfg.rope_scaling
+    assert export(model, str(tmp_path / "out")) == "llama"
+    back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), attn_implementation="eager")
+    np.testing.assert_allclose(hf_logits(back.eval(), ids), hf_logits(hf, ids), atol=1e-5, rtol=1e-5)

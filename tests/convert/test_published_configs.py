@@ -42,3 +42,15 @@ def test_gpt_oss_experts_per_token_must_agree():
     with pytest.raises(ValueError, match="experts_per_token=2 but num_experts_per_tok=4"):
         config_from_hf({**hf, "experts_per_token": 2})
     assert config_from_hf({k: v for k, v in hf.items() if k != "experts_per_token"}).moe.top_k == 4
+
+
+def test_llama_3_1_config_reads_its_rope_scaling():
+    """Llama-3.1-8B (a dense base for sparse upcycling): llama3 RoPE scaling, 8.030B parameters."""
+    from moejax.models.layers import Llama3Rope
+    from moejax.models.params import report
+
+    cfg = converter("llama").config_from_hf(published("Llama-3.1-8B"))
+    assert cfg.rope_scaling == Llama3Rope(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                          original_max_position=8192)
+    assert (cfg.rope_theta, cfg.num_kv_heads, cfg.moe) == (5e5, 8, None)
+    assert report(cfg).total == 8_030_261_248

@@ -230,15 +230,19 @@ def test_mixtral_in_the_transformers_5_layout(tmp_path):
 
 
 @pytest.mark.parametrize("layout", ["rope_parameters", "rope_scaling"])
-def test_scaled_rope_is_refused_in_both_layouts(tmp_path, layout):
+def test_rope_scaling_in_both_layouts(tmp_path, layout):
+    """llama3 scaling is read from either layout; a scaling moejax does not implement is refused."""
     from moejax.convert.hf_mixtral import config_from_hf
 
     hf = transformers.MixtralConfig(hidden_size=32, num_attention_heads=8, num_hidden_layers=1, vocab_size=8,
                                     intermediate_size=16).to_dict()
     llama3 = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-    with pytest.raises(ValueError, match=f"{layout}=.*llama3.*plain RoPE only"):
-        config_from_hf({**hf, layout: llama3})
+    cfg = config_from_hf({**hf, "rope_theta": 5e5, layout: llama3})
+    assert (cfg.rope_scaling.original_max_position, cfg.rope_theta) == (8192, 5e5)
+    dynamic = {"rope_type": "dynamic", "rope_theta": 5e5, "factor": 2.0}
+    with pytest.raises(ValueError, match=f"{layout}=.*dynamic.*rope_type 'default', 'llama3'"):
+        config_from_hf({**hf, layout: dynamic})
 
 
 # ------------------------------------------------------------------------ every field decided
