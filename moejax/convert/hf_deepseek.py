@@ -289,6 +289,8 @@ def hf_family(cfg: DecoderConfig) -> str:
         problems.append("V3: a selection bias, groups scored by top2_sum, weight_norm 'topk' or 'none'")
     if not v3 and (moe.selection_bias or moe.group_score != "max" or moe.weight_norm != "none"):
         problems.append("V2: no selection bias, groups scored by max, weight_norm 'none'")
+    if cfg.rope_scaling is not None and not isinstance(cfg.rope_scaling, Yarn):
+        raise ValueError(f"cannot export as {'deepseek_v3' if v3 else 'deepseek_v2'}: it needs YaRN or plain RoPE")
     want = None
     if cfg.rope_scaling is not None and cfg.rope_scaling.mscale_all_dim:
         want = (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim) ** -0.5 * Yarn.get_mscale(

@@ -40,6 +40,7 @@ from moejax.convert.load import build_from_hf
 from moejax.convert.mapping import Leaf, Source, WeightReader, tied_head
 from moejax.convert.safetensors_io import MAX_SHARD_BYTES
 from moejax.models import Decoder, DecoderConfig
+from moejax.models.layers import Yarn
 from moejax.moe import MoeConfig
 
 #: FP4 E2M1 code -> value (bit 3 is the sign)
@@ -202,6 +203,8 @@ def hf_family(cfg: DecoderConfig) -> str:
         problems.append("one sliding window in a window_pattern, every layer sparse")
     if cfg.attn_scale is not None or cfg.first_dense_layers:
         problems.append("the default attention scale and no dense first layers")
+    if cfg.rope_scaling is not None and not isinstance(cfg.rope_scaling, Yarn):
+        problems.append("YaRN or plain RoPE")
     if problems:
         raise ValueError(f"cannot export as gpt_oss: it needs {'; '.join(problems)}")
     return "gpt_oss"
