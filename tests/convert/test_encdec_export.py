@@ -39,11 +39,9 @@ def reloaded(path):
 CASES = {
     "t5_v1_0": (lambda: tiny_t5(), hf_switch),
     "t5_v1_1": (lambda: tiny_t5(feed_forward_proj="gated-gelu", tie_word_embeddings=False), hf_switch),
-    "switch": (lambda: tiny_switch(), hf_switch),
     "switch_every1_bias": (lambda: tiny_switch(num_sparse_encoder_layers=4, num_sparse_decoder_layers=4,
                                                router_bias=True), hf_switch),
     "switch_drops": (lambda: tiny_switch(expert_capacity=2), hf_switch),
-    "nllb": (lambda: tiny_nllb(), hf_nllb),
     "nllb_every4_untied": (lambda: tiny_nllb(encoder_sparse_step=4, decoder_sparse_step=4,
                                              tie_word_embeddings=False), hf_nllb),
 }

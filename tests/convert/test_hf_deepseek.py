@@ -60,7 +60,6 @@ CASES = {
                                          routed_scaling_factor=3.0),
     "v3": lambda: v3(),
     "v3_yarn_tied": lambda: v3(rope_scaling=YARN, tie_word_embeddings=True),
-    "v3_yarn_equal_betas": lambda: v3(rope_scaling={**YARN, "beta_fast": 1.0, "beta_slow": 1.0}),   # Kimi-K2's
     "v3_not_interleaved": lambda: v3(rope_interleave=False, first_k_dense_replace=2),
 }
 
@@ -256,3 +255,12 @@ def test_fp8_block_scaled_checkpoint_dequantises_on_import(tmp_path):
         {**good, "quantization_config": {**good["quantization_config"], "weight_block_size": [16, 16]}}))
     with pytest.raises(ValueError, match=r"FP8 tensor '.*': scale_inv of shape .* does not cover"):
         from_hf(str(tmp_path / "fp8"))
+
+
+def test_yarn_with_equal_betas_matches_transformers(tmp_path):
+    """Kimi-K2's released YaRN has beta_fast = beta_slow = 1 (the ramp spans one dim)."""
+    hf = perturbed(v3(rope_scaling={**YARN, "beta_fast": 1.0, "beta_slow": 1.0}))
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    model, cfg = from_hf(str(tmp_path))
+    assert (cfg.rope_scaling.beta_fast, cfg.rope_scaling.beta_slow) == (1.0, 1.0)
+    np.testing.assert_allclose(np.asarray(model(jnp.asarray(IDS))[0]), hf_logits(hf, IDS), atol=1e-4, rtol=1e-4)
