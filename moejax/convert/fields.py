@@ -156,8 +156,8 @@ def yarn(params: Mapping, hf: Mapping, family: str):
                 truncate=bool(params.get("truncate", True)), attention_factor=params.get("attention_factor")).validate()
 
 
-_LLAMA3_KEYS = {"rope_type", "type", "rope_theta", "factor", "low_freq_factor", "high_freq_factor",
-                "original_max_position_embeddings"}
+_LLAMA3_REQUIRED = {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
+_LLAMA3_KEYS = _LLAMA3_REQUIRED | {"rope_type", "type", "rope_theta"}
 
 
 def llama3(params: Mapping, family: str):
@@ -166,8 +166,7 @@ def llama3(params: Mapping, family: str):
     from moejax.models.layers import Llama3Rope
 
     extra = sorted(set(params) - _LLAMA3_KEYS)
-    missing = sorted({"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
-                     - set(params))
+    missing = sorted(_LLAMA3_REQUIRED - set(params))
     if extra or missing:
         raise ValueError(f"{family} config.json has llama3 rope scaling with "
                          + (f"fields moejax does not implement: {extra}" if extra else f"missing fields: {missing}"))

@@ -163,8 +163,7 @@ class Llama3Rope:
 
     def inv_freq(self, dim: int, theta: float) -> np.ndarray:
         """``[dim / 2]`` float32 inverse frequencies."""
-        inv = (1.0 / (np.float32(theta) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))))
-        inv = inv.astype(np.float32)
+        inv = (1.0 / np.float32(theta) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))).astype(np.float32)
         wavelen = np.float32(2 * math.pi) / inv
         low_wavelen = self.original_max_position / self.low_freq_factor
         high_wavelen = self.original_max_position / self.high_freq_factor
